@@ -1,0 +1,1207 @@
+"""
+salma: every model of the project in one file.
+
+  InternViT (timm) -> pixel shuffle -> mlp1 -> Qwen2 (KV cache)           the InternVL2.5 MLLM
+  SAM-2 (the sam2 package) image encoder + mask decoder + memory          the grounding part
+  pre-pass gate G, TopKRouter, MaskBiasedAttention                        SALMA's additions
+
+  from salma import Config, build_salma
+  model, tokenizer = build_salma(Config.from_preset("tiny"))              # random init, CPU-sized
+  model, tokenizer = build_salma(Config.from_preset("sa2va-1b"), init="ckpts/Sa2VA-1B")
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+# ---------------------------------------------------------------------------------------------
+# config: one flat dataclass, named presets, argparse flags generated from it
+
+
+@dataclass
+class Config:
+    # InternViT (timm VisionTransformer with InternViT-300M's math)
+    image_size: int = 448
+    patch_size: int = 14
+    vit_width: int = 1024
+    vit_depth: int = 24
+    vit_heads: int = 16
+    vit_mlp_ratio: float = 4.0
+    vit_ls_init: float = 0.1
+    downsample_ratio: float = 0.5  # pixel shuffle: 32x32x1024 -> 16x16x4096 per tile
+    max_tiles: int = 12  # dynamic tiling for images (+ a thumbnail)
+    video_frames: int = 5  # frames of a video given to the MLLM
+    # Qwen2 LLM
+    vocab_size: int = 151674
+    llm_hidden: int = 896
+    llm_layers: int = 24
+    llm_heads: int = 14
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 4864
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-6
+    tie_word_embeddings: bool = False  # InternVL forces a separate lm_head
+    system_prompt: str = ""  # "" = Sa2VA's template (no system turn)
+    # SAM-2 grounding
+    sam2_config: str = "configs/sam2/sam2_hiera_l.yaml"  # SAM 2.0 Hiera-L, as Sa2VA-1B
+    sam2_tiny: bool = False  # shrink the packaged config (see SAM2_TINY_OVERRIDES)
+    sam_image_size: int = 1024
+    num_cond_frames: int = 5  # video: frames decoded with the [SEG] prompt, the rest tracked
+    # SALMA (paper section 3.2); mba=False is exactly the Sa2VA baseline
+    mba: bool = True
+    mba_layers: str = "last"  # "last" | "all" | comma list of LLM layer indices
+    mba_mode: str = "gate"  # "gate" (Eq. 2) | "film" (Table 3 ablation)
+    topk: int = 2
+    tau_gate: float = 1.0
+    gamma_init: float = 0.0  # the authors' code; the residual starts closed
+    mba_heads: int = 8
+    mba_dropout: float = 0.1
+    router_hidden: int = 128
+    tmc_source: str = "post"  # "post": pool post-MBA F_v (paper); "pre": pre-MBA F_v detached (authors' code)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The named preset with field overrides applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(cls(**PRESETS[name]), **overrides)
+
+    @property
+    def num_image_tokens(self):
+        """Tokens per 448 tile after pixel shuffle (256 real, 16 tiny)."""
+        return int((self.image_size // self.patch_size * self.downsample_ratio) ** 2)
+
+
+PRESETS = {
+    "internvl2_5-1b": dict(system_prompt=None),
+    "sa2va-1b": dict(vocab_size=151679),
+    "tiny": dict(
+        image_size=112, vit_width=64, vit_depth=2, vit_heads=2, max_tiles=2,
+        vocab_size=0, llm_hidden=128, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=256,
+        rope_theta=1e4, sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml", sam2_tiny=True, sam_image_size=256,
+    ),  # vocab_size=0: taken from the built-in tiny tokenizer
+}
+INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+PRESETS["internvl2_5-1b"]["system_prompt"] = INTERNVL_SYSTEM_PROMPT
+
+
+def add_dataclass_flags(parser, instance, title):
+    """Add a --field flag for every field of a dataclass instance (its value is the default)."""
+    group = parser.add_argument_group(title)
+    for f in fields(instance):
+        default = getattr(instance, f.name)
+        if isinstance(default, bool):
+            group.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL", help=f"default {default}")
+        else:
+            group.add_argument(f"--{f.name}", type=type(default), default=default, help=f"default {default!r}")
+
+
+def parse_bool(text):
+    """argparse type for True/False flags."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def dataclass_from_args(cls, args, base=None):
+    """Build cls from parsed flags; with base, only flags that differ from cls() override base."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    if base is None:
+        return cls(**values)
+    default = cls()
+    changed = {k: v for k, v in values.items() if v != getattr(default, k)}
+    return replace(base, **changed)
+
+
+def default_dtype(device):
+    """bf16 on CUDA, fp32 on CPU (bf16 matmuls on CPU are several times slower)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and chat template
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+SEG = "[SEG]"
+SA2VA_TOKENS = [SEG, "<p>", "</p>", "<vp>", "</vp>"]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
+QWEN_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def qwen_byte_level(model):
+    """A Qwen2-style tokenizer around a BPE model: Qwen's split regex, then byte-level."""
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(QWEN_PRETOKENIZE, behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer with no merges (256 byte tokens) + Qwen/InternVL/Sa2VA specials."""
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab))}
+    tok = qwen_byte_level(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.add_special_tokens(QWEN_SPECIALS + SA2VA_TOKENS)
+    return tok
+
+
+def load_tokenizer(model_dir):
+    """Tokenizer of an official directory: tokenizer.json, or Qwen's vocab.json + merges.txt."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        tok = Tokenizer.from_file(path)
+    elif os.path.isfile(os.path.join(model_dir, "vocab.json")):
+        tok = qwen_byte_level(models.BPE.from_file(
+            os.path.join(model_dir, "vocab.json"), os.path.join(model_dir, "merges.txt")))
+        for token, idx in sorted(added_tokens(model_dir).items(), key=lambda kv: kv[1]):
+            if tok.get_vocab_size(with_added_tokens=True) != idx:
+                raise ValueError(f"{model_dir}: added token {token!r} has id {idx}, expected the next free id")
+            tok.add_special_tokens([token])
+    else:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json or vocab.json + merges.txt")
+    return tok
+
+
+def added_tokens(model_dir):
+    """{token: id} from added_tokens.json and tokenizer_config.json's added_tokens_decoder."""
+    tokens = {}
+    path = os.path.join(model_dir, "added_tokens.json")
+    if os.path.isfile(path):
+        tokens.update(json.load(open(path)))
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(path):
+        decoder = json.load(open(path)).get("added_tokens_decoder", {})
+        tokens.update({v["content"]: int(k) for k, v in decoder.items()})
+    return tokens
+
+
+def add_sa2va_tokens(tok):
+    """Add [SEG] and Sa2VA's <p> </p> <vp> </vp> where missing; returns the new vocab size."""
+    missing = [t for t in SA2VA_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def chat_prompt(turns, system_prompt=""):
+    """Qwen chat text for [(user, assistant | None), ...]; a None answer opens the assistant turn."""
+    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+    for user, answer in turns:
+        text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if answer is not None:
+            text += f"{answer}<|im_end|>\n"
+    return text
+
+
+def image_placeholder(num_tiles, num_image_tokens):
+    """What one <image> becomes: per tile, <img> + num_image_tokens x <IMG_CONTEXT> + </img>."""
+    return (IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END) * num_tiles
+
+
+def video_placeholder(num_frames, num_image_tokens):
+    """Video frames, one tile each, joined by new lines (Sa2VA)."""
+    return "\n".join(image_placeholder(1, num_image_tokens) for _ in range(num_frames))
+
+
+def encode_turns(tok, turns, system_prompt, media):
+    """Token ids (L,), labels (L,) (-100 but answers), and per turn the user-text positions (L,) bool.
+
+    turns: [(user, answer | None)]; "<image>" in a user text is replaced by media (the placeholder).
+    The text mask marks the words of the user turn, excluding template, image and special tokens.
+    """
+    ids, labels, text_masks = [], [], []
+
+    def add(text, is_answer=False, is_text=False):
+        piece = tok.encode(text, add_special_tokens=False).ids if text else []
+        ids.extend(piece)
+        labels.extend(piece if is_answer else [-100] * len(piece))
+        for m in text_masks:
+            m.extend([False] * len(piece))
+        if is_text and piece:
+            text_masks[-1][-len(piece):] = [True] * len(piece)
+
+    if system_prompt:
+        add(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+    for user, answer in turns:
+        text_masks.append([False] * len(ids))
+        add("<|im_start|>user\n")
+        before, image, after = user.partition("<image>")
+        add(before, is_text=True)
+        if image:
+            add(media)
+        add(after, is_text=True)
+        add("<|im_end|>\n<|im_start|>assistant\n")
+        if answer is not None:
+            add(answer + "<|im_end|>", is_answer=True)
+            add("\n")
+    return (torch.tensor(ids), torch.tensor(labels), torch.tensor(text_masks, dtype=torch.bool).reshape(len(turns), len(ids)))
+
+
+# ---------------------------------------------------------------------------------------------
+# images for the MLLM: 448 tiles, ImageNet mean/std, InternVL's dynamic tiling
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def tile_grids(max_tiles):
+    """Candidate (cols, rows) grids with 1..max_tiles tiles, fewest tiles first (InternVL's order)."""
+    grids = {(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1) if i * j <= max_tiles}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(width, height, max_tiles, tile):
+    """The grid whose aspect ratio is closest to the image's; ties go to more tiles if the image is large."""
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in tile_grids(max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def dynamic_tiles(image, max_tiles, tile):
+    """Split a PIL image into a grid of tile x tile crops (+ a thumbnail when more than one)."""
+    cols, rows = choose_grid(*image.size, max_tiles, tile)
+    resized = image.resize((cols * tile, rows * tile), resample=3)  # bicubic
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(image.resize((tile, tile), resample=3))
+    return tiles
+
+
+def to_tensor(image, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL image -> (3, size, size) float, resized directly (bicubic), normalised."""
+    image = image.convert("RGB").resize((size, size), resample=3)
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def mllm_pixels(frames, cfg, is_video):
+    """MLLM input (N_tiles, 3, S, S): dynamic tiles for an image, one tile per video frame."""
+    if is_video:
+        tiles = frames[: cfg.video_frames]
+    else:
+        tiles = dynamic_tiles(frames[0].convert("RGB"), cfg.max_tiles, cfg.image_size)
+    return torch.stack([to_tensor(t, cfg.image_size) for t in tiles])
+
+
+def media_placeholder(num_tiles, cfg, is_video):
+    """The text an <image> tag expands to for these tiles."""
+    if is_video:
+        return video_placeholder(num_tiles, cfg.num_image_tokens)
+    return image_placeholder(num_tiles, cfg.num_image_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# InternViT + pixel shuffle + mlp1
+
+
+def build_vit(cfg):
+    """InternViT-300M's math on timm: qkv bias, LayerScale, exact GELU, CLS token, no final norm."""
+    return VisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vit_width, depth=cfg.vit_depth,
+        num_heads=cfg.vit_heads, mlp_ratio=cfg.vit_mlp_ratio, qkv_bias=True, init_values=cfg.vit_ls_init,
+        class_token=True, final_norm=False, global_pool="", num_classes=0,
+    )
+
+
+def pixel_shuffle(x, scale=0.5):
+    """InternVL's "v2" pixel shuffle: (N, W, H, C) -> (N, H*scale, W*scale, C/scale^2) in its token order."""
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3)
+
+
+def build_mlp1(cfg):
+    """Projector: LayerNorm(4C) -> Linear(4C, D) -> GELU -> Linear(D, D)."""
+    width = int(cfg.vit_width / cfg.downsample_ratio**2)
+    return nn.Sequential(nn.LayerNorm(width, eps=1e-5), nn.Linear(width, cfg.llm_hidden), nn.GELU(), nn.Linear(cfg.llm_hidden, cfg.llm_hidden))
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE tables for positions (B, L) -> cos, sin (B, 1, L, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq  # (B, L, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, L, hd) by the RoPE tables (half-split convention, as Qwen2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.kv_heads = cfg.llm_heads, cfg.llm_kv_heads
+        self.head_dim = cfg.llm_hidden // cfg.llm_heads
+        self.q_proj = nn.Linear(cfg.llm_hidden, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.llm_hidden, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.llm_hidden, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.llm_hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, L, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.llm_hidden, cfg.llm_intermediate, bias=False)
+        self.up_proj = nn.Linear(cfg.llm_hidden, cfg.llm_intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.llm_intermediate, cfg.llm_hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.llm_hidden, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.llm_hidden, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """Qwen2 decoder-only LM: RMSNorm, RoPE, GQA via SDPA, SwiGLU; KV cache as a list of dicts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.llm_hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.llm_layers))
+        self.norm = RMSNorm(cfg.llm_hidden, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.llm_hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, embeds, attention_mask=None, cache=None, output_hidden_states=False):
+        """embeds (B, L, D), attention_mask (B, L_past + L) bool -> logits (B, L, V), hidden states."""
+        b, n, _ = embeds.shape
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + n, dtype=torch.bool, device=embeds.device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, L) skips left padding
+        cos, sin = rope_cos_sin(positions, self.layers[0].self_attn.head_dim, self.cfg.rope_theta, embeds.dtype)
+        causal = torch.ones(n, past + n, dtype=torch.bool, device=embeds.device).tril(past)
+        mask = (causal[None] & attention_mask[:, None, :])[:, None]  # (B, 1, L, L_past + L)
+        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows attend everywhere (no NaN)
+        x, hidden = embeds, []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache[i] if cache is not None else None)
+            hidden.append(x)
+        x = self.norm(x)
+        hidden[-1] = x  # the last entry is after the final norm ([SEG] and MBA read it)
+        return {"logits": self.lm_head(x), "hidden_states": hidden if output_hidden_states else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the LLM's linear layers
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha/r) * B(A(dropout(x))); base frozen, B starts at zero."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, r, bias=False)
+        self.lora_b = nn.Linear(r, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+        self.scale, self.dropout = alpha / r, nn.Dropout(dropout)
+        base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(llm, r, alpha, dropout):
+    """Wrap every target nn.Linear of the LLM in LoRALinear (in place)."""
+    for module in list(llm.modules()):
+        for name, child in list(module.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha, dropout))
+
+
+def merge_lora(llm):
+    """Fold LoRA updates into the base weights and unwrap (for export in the official layout)."""
+    for module in list(llm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                delta = child.scale * child.lora_b.weight @ child.lora_a.weight
+                child.base.weight.data += delta.to(child.base.weight.dtype)
+                setattr(module, name, child.base)
+
+
+# ---------------------------------------------------------------------------------------------
+# InternVL: image tokens spliced into the LLM's input embeddings
+
+
+class InternVL(nn.Module):
+    """InternVL2.5: InternViT -> pixel shuffle -> mlp1 -> Qwen2, image tokens at <IMG_CONTEXT>."""
+
+    def __init__(self, cfg, img_context_id):
+        super().__init__()
+        self.cfg, self.img_context_id = cfg, img_context_id
+        self.vision_model = build_vit(cfg)
+        self.mlp1 = build_mlp1(cfg)
+        self.language_model = Qwen2(cfg)
+
+    def extract_feature(self, pixel_values):
+        """(N_tiles, 3, S, S) -> image tokens (N_tiles, num_image_tokens, D)."""
+        x = self.vision_model.forward_features(pixel_values)[:, 1:]  # (N, h*w, C) without CLS
+        side = int(x.shape[1] ** 0.5)
+        x = pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.cfg.downsample_ratio)
+        return self.mlp1(x.reshape(x.shape[0], -1, x.shape[-1]))
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings (B, L, D) with the <IMG_CONTEXT> rows replaced by image tokens in order."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        image_tokens = self.extract_feature(pixel_values.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+        is_image = input_ids == self.img_context_id
+        if int(is_image.sum()) != image_tokens.shape[0]:
+            raise ValueError(f"{int(is_image.sum())} <IMG_CONTEXT> tokens for {image_tokens.shape[0]} image tokens")
+        return embeds.masked_scatter(is_image[..., None], image_tokens.to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False):
+        """Logits (B, L, V) and, on request, every layer's hidden states (list of (B, L, D))."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(embeds, attention_mask, output_hidden_states=output_hidden_states)
+
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False):
+        """Greedy decoding of one prompt (1, L) with the KV cache.
+
+        Returns (generated ids (T,), hidden states of prompt + generated tokens (list per layer of
+        (1, L + T - 1, D)) when keep_hidden, else None). Stops after a stop id or max_new_tokens.
+        """
+        cache = [{} for _ in self.language_model.layers]
+        out = self.language_model(self.embed(input_ids, pixel_values), cache=cache, output_hidden_states=keep_hidden)
+        hidden = [[h] for h in out["hidden_states"]] if keep_hidden else None
+        generated = []
+        for _ in range(max_new_tokens):
+            next_id = out["logits"][0, -1].argmax()
+            generated.append(int(next_id))
+            if int(next_id) in stop_ids or len(generated) == max_new_tokens:
+                break
+            embeds = self.language_model.embed_tokens(next_id.view(1, 1))
+            out = self.language_model(embeds, cache=cache, output_hidden_states=keep_hidden)
+            if keep_hidden:
+                for per_layer, h in zip(hidden, out["hidden_states"]):
+                    per_layer.append(h)
+        if keep_hidden:
+            hidden = [torch.cat(h, dim=1) for h in hidden]
+        return torch.tensor(generated, dtype=torch.long), hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM-2 grounding (the sam2 package, called exactly as Sa2VA calls it)
+
+SAM2_TINY_OVERRIDES = [  # a 2.3M-parameter SAM-2 for CPU tests and the tiny preset (64-d)
+    "++model.image_encoder.trunk.embed_dim=32", "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.d_model=64", "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
+    "++model.memory_attention.d_model=64", "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=64", "++model.memory_attention.layer.dim_feedforward=128",
+    "++model.memory_attention.layer.self_attention.embedding_dim=64",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+    "++model.memory_encoder.in_dim=64", "++model.memory_encoder.out_dim=64",
+    "++model.memory_encoder.mask_downsampler.embed_dim=64", "++model.memory_encoder.fuser.layer.dim=64",
+    "++model.memory_encoder.fuser.num_layers=1",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=64",
+]
+
+
+def build_sam2(cfg):
+    """SAM-2 from the sam2 package's own configs, without post-processing, at cfg.sam_image_size."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    overrides = [f"++model.image_size={cfg.sam_image_size}"] + (SAM2_TINY_OVERRIDES if cfg.sam2_tiny else [])
+    if not GlobalHydra.instance().is_initialized():  # importing sam2 initialises it with sam2's configs
+        initialize_config_module("sam2", version_base="1.2")
+    hydra_cfg = compose(config_name=cfg.sam2_config, overrides=overrides)
+    OmegaConf.resolve(hydra_cfg)
+    return instantiate(hydra_cfg.model, _recursive_=True)
+
+
+@torch.no_grad()
+def sam_pixels(frames, size):
+    """SAM-2 input (T, 3, S, S): resized directly to S x S (aspect not kept), /255, ImageNet mean/std."""
+    return torch.stack([to_tensor(f, size) for f in frames])
+
+
+class SAM2Grounding(nn.Module):
+    """SAM-2 used as Sa2VA uses it: the [SEG] embedding is a third sparse prompt token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.sam2_model = build_sam2(cfg)
+        self.width = self.sam2_model.hidden_dim  # 256 real, 64 tiny
+
+    def encode_image(self, images):
+        """images (B, 3, S, S) -> dict(image_embed F_v (B, C, h, w) with no_mem_embed, high_res_feats, ...)."""
+        sam = self.sam2_model
+        backbone_out = sam.forward_image(images)
+        _, vision_feats, vision_pos, feat_sizes = sam._prepare_backbone_features(backbone_out)
+        b = images.shape[0]
+        maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(vision_feats, feat_sizes)]
+        image_embed = maps[-1] + sam.no_mem_embed.view(1, -1, 1, 1)  # (B, C, h, w)
+        return {"image_embed": image_embed, "high_res_feats": maps[:-1], "vision_feats": vision_feats,
+                "vision_pos": vision_pos, "feat_sizes": feat_sizes}
+
+    def decode(self, image_embed, high_res_feats, seg_embed=None):
+        """Best-IoU low-res mask logits (B, 1, 4h, 4w): Sa2VA's image-path decoder call.
+
+        Prompt: the point (0, 0) with label -1 ("not a point", padded to two sparse tokens), no box,
+        no mask (dense no_mask_embed), plus seg_embed (B, C) as a third sparse token when given.
+        """
+        sam, b = self.sam2_model, image_embed.shape[0]
+        points = (image_embed.new_zeros(b, 1, 2), -torch.ones(b, 1, dtype=torch.int32, device=image_embed.device))
+        sparse, dense = sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+        if seg_embed is not None:
+            sparse = torch.cat([sparse, seg_embed[:, None].to(sparse.dtype)], dim=1)  # (B, 3, C)
+        masks, iou, _, _ = sam.sam_mask_decoder(
+            image_embeddings=image_embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+            repeat_image=False, high_res_features=high_res_feats)  # (B, 3, 4h, 4w), (B, 3)
+        best = iou.argmax(dim=1)
+        return masks[torch.arange(b, device=masks.device), best][:, None]
+
+    def decode_tracked(self, image_embed, high_res_feats, seg_embed=None):
+        """SAM-2's own video head call (object pointer, occlusion score), [SEG] appended when given."""
+        sam = self.sam2_model
+        with extra_sparse_token(sam.sam_prompt_encoder, seg_embed):
+            return sam._forward_sam_heads(
+                backbone_features=image_embed, point_inputs=None, mask_inputs=None,
+                high_res_features=high_res_feats, multimask_output=sam._use_multimask(True, None))
+
+    @staticmethod
+    def postprocess(low_res_logits, size, orig_hw):
+        """Low-res logits (B, 1, h, w) -> bilinear to S x S -> bilinear to orig_hw; > 0 is the mask."""
+        x = F.interpolate(low_res_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=orig_hw, mode="bilinear", align_corners=False)
+
+
+class extra_sparse_token:
+    """Context: SAM-2's prompt encoder appends token (B, C) to its sparse embeddings (Sa2VA's [SEG])."""
+
+    def __init__(self, prompt_encoder, token):
+        self.prompt_encoder, self.token, self.handle = prompt_encoder, token, None
+
+    def append(self, module, args, output):
+        sparse, dense = output
+        return torch.cat([sparse, self.token[:, None].to(sparse.dtype)], dim=1), dense
+
+    def __enter__(self):
+        if self.token is not None:
+            self.handle = self.prompt_encoder.register_forward_hook(self.append)
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# SALMA: pre-pass gate, Top-K routing, Mask-Biased Attention (paper section 3.2)
+
+
+@torch.no_grad()
+def prior_gate(grounding, image_embed, high_res_feats, tau_gate):
+    """Pre-pass (Alg. 1 l. 7-12): decoder with only the (0,0)/-1 prompt, no grad -> G (B, 1, h, w)."""
+    logits = grounding.decode(image_embed, high_res_feats, seg_embed=None)  # (B, 1, 4h, 4w)
+    gate = torch.sigmoid(logits.float() / tau_gate)  # Eq. 2, left
+    return F.interpolate(gate, size=image_embed.shape[-2:], mode="bilinear", align_corners=False).to(image_embed.dtype)
+
+
+class TopKRouter(nn.Module):
+    """Eq. 1: s_i = MLP(t_i); keep the K highest-scoring valid tokens, scaled by sigmoid(s_i).
+
+    The scaling is our documented choice so that the router receives gradient (the paper does not
+    say how it learns; without it the top-k index choice gives it none).
+    """
+
+    def __init__(self, dim, hidden, k):
+        super().__init__()
+        self.k = k
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens, valid):
+        """tokens (B, L, C), valid (B, L) -> selected (B, K, C), indices (B, K), selected_valid (B, K)."""
+        scores = self.mlp(tokens).squeeze(-1).float()  # (B, L)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        k = min(self.k, tokens.shape[1])
+        top, idx = scores.topk(k, dim=1)  # (B, K)
+        selected_valid = torch.isfinite(top)  # fewer than K valid tokens: the rest are masked out
+        weight = torch.sigmoid(top.masked_fill(~selected_valid, 0.0)).to(tokens.dtype)
+        selected = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1])) * weight[..., None]
+        return selected, idx, selected_valid
+
+
+class MaskBiasedAttention(nn.Module):
+    """One MBA block: F_v <- F_v + gamma * ramp * (CrossAttn(Q=LN(F_v), KV=TopK(F_t)) * G)  (Eq. 2)."""
+
+    def __init__(self, cfg, dim):
+        super().__init__()
+        self.router = TopKRouter(dim, cfg.router_hidden, cfg.topk)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, cfg.mba_heads, dropout=cfg.mba_dropout, batch_first=True)
+        self.gamma = nn.Parameter(torch.tensor(float(cfg.gamma_init)))
+        self.film = nn.Linear(dim, 2 * dim) if cfg.mba_mode == "film" else None  # Table 3 ablation
+
+    def forward(self, feats, text, valid, gate, ramp=1.0):
+        """feats F_v (B, C, h, w), text F_t (B, L, C), valid (B, L), gate G (B, 1, h, w) -> F_v', attention (B, hw, K)."""
+        b, c, h, w = feats.shape
+        selected, _, selected_valid = self.router(text, valid)  # (B, K, C)
+        query = self.norm(feats.flatten(2).transpose(1, 2))  # (B, hw, C)
+        pad = ~selected_valid
+        pad[:, 0] &= selected_valid.any(1)  # a sample with no valid token attends to a zero token
+        o_attn, attn_map = self.attn(query, selected, selected, key_padding_mask=pad, need_weights=True)
+        o_attn = o_attn * selected_valid.any(1)[:, None, None]  # no words, no injection
+        o_attn = o_attn.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
+        feats = feats + self.gamma * ramp * (o_attn * gate)  # Eq. 2
+        if self.film is not None:
+            mean_token = (selected * selected_valid[..., None]).sum(1) / selected_valid.sum(1, keepdim=True).clamp_min(1)
+            scale, shift = self.film(mean_token).chunk(2, dim=-1)  # (B, C) each
+            feats = (1 + scale[..., None, None]) * feats + shift[..., None, None]
+        return feats, attn_map
+
+
+def resolve_mba_layers(spec, num_layers):
+    """'last' -> [L-1], 'all' -> [0..L-1], '3,7' -> [3, 7] (negative indices count from the end)."""
+    if spec == "last":
+        return [num_layers - 1]
+    if spec == "all":
+        return list(range(num_layers))
+    try:
+        layers = [int(x) % num_layers for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--mba_layers={spec!r}: expected 'last', 'all' or a comma list of layer indices")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# the SALMA model (mba=False: the Sa2VA baseline)
+
+
+class SALMA(nn.Module):
+    """InternVL + SAM-2 grounding; [SEG] hidden -> text_hidden_fcs -> sparse prompt; MBA on F_v."""
+
+    def __init__(self, cfg, token_ids):
+        super().__init__()
+        self.cfg, self.token_ids = cfg, token_ids
+        self.mllm = InternVL(cfg, token_ids[IMG_CONTEXT])
+        self.grounding = SAM2Grounding(cfg)
+        d = self.grounding.width
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(cfg.llm_hidden, cfg.llm_hidden), nn.ReLU(), nn.Linear(cfg.llm_hidden, d), nn.Dropout(0.0))
+        self.mba_layers = resolve_mba_layers(cfg.mba_layers, cfg.llm_layers)
+        self.mba = nn.ModuleList(MaskBiasedAttention(cfg, d) for _ in self.mba_layers) if cfg.mba else nn.ModuleList()
+
+    def refine(self, image_embed, high_res_feats, hidden, text_valid, ramp=1.0, maps=None):
+        """SALMA's step between encoder and decoder: gate from the pre-pass, then each MBA block.
+
+        image_embed (P, C, h, w); hidden: per LLM layer (P, L, D); text_valid (P, L). With mba=False
+        F_v is returned as it is (the Sa2VA baseline).
+        """
+        if not self.cfg.mba:
+            return image_embed
+        gate = prior_gate(self.grounding, image_embed, high_res_feats, self.cfg.tau_gate)  # (P, 1, h, w)
+        feats = image_embed
+        for layer, block in zip(self.mba_layers, self.mba):
+            text = self.text_hidden_fcs(hidden[layer])  # F_t (P, L, C)
+            feats, attn = block(feats, text, text_valid, gate, ramp)
+            if maps is not None:
+                maps.setdefault("attention", []).append(attn)
+        if maps is not None:
+            maps["gate"] = gate
+        return feats
+
+    def forward(self, batch, ramp=1.0):
+        """Teacher-forced training pass. Returns logits, low-res mask logits (P, 1, 4h, 4w), z_seg, z_v.
+
+        batch (see make_train_batch): input_ids/attention_mask/labels (B, L), pixel_values, sam_images
+        (F, 3, S, S), seg_index (N_seg, 2) = (row, position) of each [SEG], seg_text (N_seg, L) bool,
+        pair_seg / pair_frame (P,): which [SEG] and which SAM frame each (mask, frame) pair uses.
+        """
+        out = self.mllm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], output_hidden_states=True)
+        rows, cols = batch["seg_index"].unbind(1)
+        z_seg = self.text_hidden_fcs(out["hidden_states"][-1][rows, cols])  # (N_seg, C)
+        with torch.no_grad():  # the SAM-2 image encoder is frozen in every recipe
+            enc = self.grounding.encode_image(batch["sam_images"])
+        seg, frame = batch["pair_seg"], batch["pair_frame"]
+        image_embed = enc["image_embed"][frame]  # (P, C, h, w)
+        high_res = [f[frame] for f in enc["high_res_feats"]]
+        hidden = [h[rows[seg]] if h is not None else None for h in self.hidden_for_mba(out["hidden_states"])]
+        feats = self.refine(image_embed, high_res, hidden, batch["seg_text"][seg], ramp)
+        low_res = self.grounding.decode(feats, high_res, z_seg[seg])
+        pooled = feats if self.cfg.tmc_source == "post" else image_embed.detach()
+        return {"logits": out["logits"], "low_res": low_res, "z_seg": z_seg, "tmc_feats": pooled}
+
+    def hidden_for_mba(self, hidden_states):
+        """Hidden states indexed by LLM layer, None where no MBA block reads (saves gathers)."""
+        wanted = set(self.mba_layers) if self.cfg.mba else set()
+        return [h if i in wanted else None for i, h in enumerate(hidden_states)]
+
+    # --- inference
+
+    @torch.inference_mode()
+    def answer(self, frames, expr, tokenizer, is_video=False, max_new_tokens=16):
+        """Run the MLLM on the Sa2VA eval prompt; returns (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L))."""
+        cfg = self.cfg
+        pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
+        question = eval_prompt(expr, is_video)
+        media = media_placeholder(pixel_values.shape[0], cfg, is_video)
+        ids, _, text_mask = encode_turns(tokenizer, [(question, None)], cfg.system_prompt, media)
+        stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+        generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
+        sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
+        seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten()
+        z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
+        n = len(seg_pos)
+        valid = torch.zeros(n, sequence.shape[0], dtype=torch.bool, device=self.device)
+        valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
+        hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
+        return tokenizer.decode(generated.tolist()), z_seg, hidden, valid
+
+    @torch.inference_mode()
+    def segment_image(self, image, expr, tokenizer, maps=None):
+        """Referring segmentation of one PIL image: bool mask (H, W), or an empty mask without [SEG]."""
+        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer)
+        w, h = image.size
+        if z_seg.shape[0] == 0:
+            return torch.zeros(h, w, dtype=torch.bool)
+        images = sam_pixels([image], self.cfg.sam_image_size).to(self.device, z_seg.dtype)
+        enc = self.grounding.encode_image(images)
+        image_embed, high_res = enc["image_embed"][:1], [f[:1] for f in enc["high_res_feats"]]
+        hidden, valid = [h[:1] if h is not None else None for h in hidden], valid[:1]
+        feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
+        low_res = self.grounding.decode(feats, high_res, z_seg[:1])  # the first [SEG] answers
+        if maps is not None:
+            maps["low_res"] = low_res
+        return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0] > 0
+
+    @property
+    def device(self):
+        return self.text_hidden_fcs[0].weight.device
+
+
+def eval_prompt(expr, is_video):
+    """Sa2VA's evaluation questions."""
+    if is_video:
+        return f"<image>\nPlease segment {expr}."
+    return f"<image>\n Please segment {expr} in this image."
+
+
+# ---------------------------------------------------------------------------------------------
+# video: conditioning frames decoded with [SEG], the rest tracked by SAM-2's memory
+
+
+@torch.inference_mode()
+def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None):
+    """Masks of a video, one frame at a time (never all frames at SAM-2 size in memory).
+
+    load_frame(t) -> PIL image. The first cfg.video_frames frames go to the MLLM; frames
+    0..num_cond_frames-1 are decoded with the [SEG] prompt and no memory, the others are tracked
+    with SAM-2's memory attention, memory encoder and object pointers. Yields bool masks (H, W).
+    """
+    cfg, sam = model.cfg, model.grounding.sam2_model
+    mllm_frames = [load_frame(t) for t in range(min(cfg.video_frames, num_frames))]
+    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True)
+    del mllm_frames
+    if z_seg.shape[0] == 0:
+        for t in range(num_frames):
+            w, h = load_frame(t).size
+            yield torch.zeros(h, w, dtype=torch.bool)
+        return
+    z_seg, hidden, valid = z_seg[:1], [h[:1] if h is not None else None for h in hidden], valid[:1]
+    memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    keep = max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)  # older memories are never read again
+    for t in range(num_frames):
+        frame = load_frame(t)
+        enc = model.grounding.encode_image(sam_pixels([frame], cfg.sam_image_size).to(model.device, z_seg.dtype))
+        is_cond = t < cfg.num_cond_frames
+        if is_cond:
+            pix = enc["image_embed"]
+        else:
+            pix = sam._prepare_memory_conditioned_features(
+                frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
+                current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
+                output_dict=memory, num_frames=num_frames)
+        feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None)
+        heads = model.grounding.decode_tracked(feats, enc["high_res_feats"], z_seg if is_cond else None)
+        _, _, _, low_res, high_res_masks, obj_ptr, object_score_logits = heads
+        mem_feats, mem_pos = sam._encode_new_memory(
+            current_vision_feats=enc["vision_feats"], feat_sizes=enc["feat_sizes"],
+            pred_masks_high_res=high_res_masks, object_score_logits=object_score_logits, is_mask_from_pts=is_cond)
+        entry = {"maskmem_features": mem_feats, "maskmem_pos_enc": mem_pos, "obj_ptr": obj_ptr,
+                 "object_score_logits": object_score_logits}
+        memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = entry
+        memory["non_cond_frame_outputs"].pop(t - keep, None)
+        w, h = frame.size
+        yield SAM2Grounding.postprocess(low_res, cfg.sam_image_size, (h, w))[0, 0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# training batches: samples (data.py's dicts) -> tensors, deterministic per sample seed
+
+SEG_QUESTIONS = [
+    "Can you segment the {} in this image?",
+    "Please segment {} in this image.",
+    "What is {} in this image? Please respond with segmentation mask.",
+    "What is {} in this image? Please output segmentation mask.",
+]
+SEG_ANSWERS = ["It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
+
+
+def sample_turns(sample, rng):
+    """Chat turns of a sample: one question/answer per expression, or its LLaVA conversation."""
+    if sample.get("conversation"):
+        conv = sample["conversation"]
+        return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+    turns = [(rng.choice(SEG_QUESTIONS).format(expr), rng.choice(SEG_ANSWERS)) for expr in sample["exprs"]]
+    if turns:
+        turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
+    return turns
+
+
+def make_train_batch(samples, tokenizer, cfg, seeds):
+    """Tensors for SALMA.forward from a list of samples (frames, exprs, masks, is_video)."""
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    seg_id = tokenizer.token_to_id(SEG)
+    low_res = cfg.sam_image_size // 4
+    ids, labels, pixels, sam_frames = [], [], [], []
+    seg_index, seg_text, pair_seg, pair_frame, pair_masks = [], [], [], [], []
+    for row, (sample, seed) in enumerate(zip(samples, seeds)):
+        rng = random.Random(seed)
+        frames = sample["frames"][: cfg.video_frames] if sample["is_video"] else sample["frames"][:1]
+        tiles = mllm_pixels(frames, cfg, sample["is_video"])
+        media = media_placeholder(tiles.shape[0], cfg, sample["is_video"])
+        row_ids, row_labels, text_masks = encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
+        first_frame = len(sam_frames)
+        sam_frames.extend(frames)
+        positions = (row_ids == seg_id).nonzero().flatten()
+        for k, pos in enumerate(positions.tolist()):  # the k-th [SEG] answers the k-th expression
+            seg_index.append((row, pos))
+            seg_text.append(text_masks[k])
+            for t in range(len(frames)):
+                pair_seg.append(len(seg_index) - 1)
+                pair_frame.append(first_frame + t)
+                pair_masks.append(F.interpolate(sample["masks"][k, t][None, None].float(), size=(low_res, low_res), mode="nearest")[0, 0])
+        ids.append(row_ids)
+        labels.append(row_labels)
+        pixels.append(tiles)
+    length = max(len(x) for x in ids)
+    return {
+        "input_ids": torch.stack([F.pad(x, (0, length - len(x)), value=pad_id) for x in ids]),
+        "labels": torch.stack([F.pad(x, (0, length - len(x)), value=-100) for x in labels]),
+        "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
+        "pixel_values": torch.cat(pixels),
+        "sam_images": sam_pixels(sam_frames, cfg.sam_image_size),
+        "seg_index": torch.tensor(seg_index, dtype=torch.long).reshape(-1, 2),
+        "seg_text": torch.stack([F.pad(m, (0, length - len(m))) for m in seg_text]) if seg_text else torch.zeros(0, length, dtype=torch.bool),
+        "pair_seg": torch.tensor(pair_seg, dtype=torch.long),
+        "pair_frame": torch.tensor(pair_frame, dtype=torch.long),
+        "pair_masks": torch.stack(pair_masks) if pair_masks else torch.zeros(0, low_res, low_res),
+    }
+
+
+def to_device(batch, device):
+    """Move every tensor of a batch dict to device."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: official names <-> ours, one table of templates ({i}: a number, {rest}: the rest)
+
+KEY_TEMPLATES = [
+    ("vision_model.embeddings.class_embedding", "mllm.vision_model.cls_token"),
+    ("vision_model.embeddings.position_embedding", "mllm.vision_model.pos_embed"),
+    ("vision_model.embeddings.patch_embedding.{rest}", "mllm.vision_model.patch_embed.proj.{rest}"),
+    ("vision_model.encoder.layers.{i}.ls1", "mllm.vision_model.blocks.{i}.ls1.gamma"),
+    ("vision_model.encoder.layers.{i}.ls2", "mllm.vision_model.blocks.{i}.ls2.gamma"),
+    ("vision_model.encoder.layers.{i}.{rest}", "mllm.vision_model.blocks.{i}.{rest}"),
+    ("mlp1.{rest}", "mllm.mlp1.{rest}"),
+    ("language_model.lm_head.{rest}", "mllm.language_model.lm_head.{rest}"),
+    ("language_model.model.{rest}", "mllm.language_model.{rest}"),
+    ("grounding_encoder.sam2_model.memory_encoder.fuser.layers.{i}.g_weight", "grounding.sam2_model.memory_encoder.fuser.layers.{i}.gamma"),
+    ("grounding_encoder.sam2_model.{rest}", "grounding.sam2_model.{rest}"),
+    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
+    ("mba.{rest}", "mba.{rest}"),  # SALMA's own blocks (absent from Sa2VA checkpoints)
+]
+
+
+def template_regex(template):
+    """'a.{i}.{rest}' -> a compiled regex with named groups i (digits) and rest (anything)."""
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
+    return re.compile(pattern + "$")
+
+
+KEY_RULES = [(template_regex(a), a, template_regex(b), b) for a, b in KEY_TEMPLATES]
+
+
+def rename_key(key, to_ours=True):
+    """Official name -> ours (or back); None when no rule matches."""
+    for official_re, official, ours_re, ours in KEY_RULES:
+        match = (official_re if to_ours else ours_re).match(key)
+        if match:
+            return (ours if to_ours else official).format(**match.groupdict())
+    return None
+
+
+def check_keys(expected, got, source, allowed_missing=()):
+    """Raise one clear error naming the first missing/unexpected keys of a checkpoint."""
+    missing = [k for k in expected if k not in got and not k.startswith(allowed_missing)]
+    unexpected = [k for k in got if k not in expected]
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} keys (first: {missing[:3]})" if missing else "",
+                 f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})" if unexpected else ""]
+        raise ValueError(f"{source}: checkpoint does not match the model: {'; '.join(p for p in parts if p)}")
+
+
+def read_safetensors(model_dir):
+    """The state dict of model.safetensors or of the shards named in model.safetensors.index.json."""
+    single, index = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        shards = sorted(set(json.load(open(index))["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(os.path.join(model_dir, shard)).items()}
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def config_from_hf(model_dir, base):
+    """Config with every size read from an official config.json (vision_config / llm_config)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; expected an InternVL / Sa2VA checkpoint directory")
+    hf = json.load(open(path))
+    vis, llm = hf["vision_config"], hf["llm_config"]
+    return replace(
+        base, image_size=hf.get("force_image_size") or vis["image_size"], patch_size=vis["patch_size"],
+        vit_width=vis["hidden_size"], vit_depth=vis["num_hidden_layers"], vit_heads=vis["num_attention_heads"],
+        vit_mlp_ratio=vis["intermediate_size"] / vis["hidden_size"], downsample_ratio=hf["downsample_ratio"],
+        max_tiles=hf.get("max_dynamic_patch", base.max_tiles), vocab_size=llm["vocab_size"],
+        llm_hidden=llm["hidden_size"], llm_layers=llm["num_hidden_layers"], llm_heads=llm["num_attention_heads"],
+        llm_kv_heads=llm["num_key_value_heads"], llm_intermediate=llm["intermediate_size"],
+        rope_theta=llm.get("rope_theta", base.rope_theta), rms_eps=llm["rms_norm_eps"],
+        tie_word_embeddings=llm.get("tie_word_embeddings", False), **hf.get("salma", {}),
+    )
+
+
+def hf_config(cfg, architecture):
+    """The official config.json layout for cfg (our extra fields under "salma")."""
+    return {
+        "architectures": [architecture], "downsample_ratio": cfg.downsample_ratio, "force_image_size": cfg.image_size,
+        "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "use_thumbnail": True,
+        "vision_config": {"hidden_size": cfg.vit_width, "num_hidden_layers": cfg.vit_depth, "num_attention_heads": cfg.vit_heads,
+                          "intermediate_size": int(cfg.vit_width * cfg.vit_mlp_ratio), "image_size": cfg.image_size,
+                          "patch_size": cfg.patch_size, "qkv_bias": True, "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
+        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.llm_hidden,
+                       "num_hidden_layers": cfg.llm_layers, "num_attention_heads": cfg.llm_heads,
+                       "num_key_value_heads": cfg.llm_kv_heads, "intermediate_size": cfg.llm_intermediate,
+                       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_word_embeddings},
+        "salma": {k: getattr(cfg, k) for k in SALMA_FIELDS},
+    }
+
+
+SALMA_FIELDS = ("sam2_config", "sam2_tiny", "sam_image_size", "num_cond_frames", "mba", "mba_layers", "mba_mode",
+                "topk", "tau_gate", "gamma_init", "mba_heads", "mba_dropout", "router_hidden", "tmc_source", "system_prompt")
+
+
+def official_state_dict(model):
+    """Our state dict under official names (LoRA merged into a copy first)."""
+    prefix = "mllm." if isinstance(model, InternVL) else ""  # a bare InternVL is SALMA's .mllm
+    sd = {}
+    for key, value in model.state_dict().items():
+        name = rename_key(prefix + key, to_ours=False)
+        if name is None:
+            raise ValueError(f"no official name for {key}; merge LoRA before exporting")
+        sd[name] = value.contiguous()
+    return sd
+
+
+def save_official(model, tokenizer, out_dir, architecture="Sa2VAChatModel"):
+    """Write config.json, model.safetensors and tokenizer.json in the official layout."""
+    os.makedirs(out_dir, exist_ok=True)
+    sd = official_state_dict(model)
+    save_file(sd, os.path.join(out_dir, "model.safetensors"))
+    json.dump(hf_config(model.cfg, architecture), open(os.path.join(out_dir, "config.json"), "w"), indent=2)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+
+
+def load_sam2_checkpoint(grounding, path):
+    """Load a SAM-2 / SAM-2.1 .pt ({"model": state_dict}) into the grounding part, keys checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: SAM-2 checkpoint not found")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or "model" not in sd:
+        raise ValueError(f"{path}: expected a SAM-2 .pt holding {{'model': state_dict}}")
+    check_keys(grounding.sam2_model.state_dict(), sd["model"], path)
+    grounding.sam2_model.load_state_dict(sd["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading
+
+
+def prepare_tokenizer(cfg, model_dir=""):
+    """(tokenizer, cfg with vocab_size covering it, {token: id} of the special tokens)."""
+    tok = load_tokenizer(model_dir) if model_dir else tiny_tokenizer()
+    size = add_sa2va_tokens(tok)
+    cfg = replace(cfg, vocab_size=max(cfg.vocab_size, size))
+    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS + SA2VA_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"{model_dir or 'tokenizer'}: tokens {missing} are missing; is this an InternVL / Sa2VA tokenizer?")
+    return tok, cfg, ids
+
+
+def load_internvl(model_dir, dtype=None, device="cpu"):
+    """An official InternVL2.5 directory -> (InternVL, tokenizer); built on meta, loaded with assign."""
+    tok, cfg, ids = prepare_tokenizer(config_from_hf(model_dir, Config.from_preset("internvl2_5-1b")), model_dir)
+    with torch.device("meta"):
+        model = InternVL(cfg, ids[IMG_CONTEXT])
+    ours = {(rename_key(k) or f"<unknown>{k}").removeprefix("mllm."): v for k, v in read_safetensors(model_dir).items()}
+    finish_load(model, ours, model_dir)
+    return model.to(device, dtype or default_dtype(device)).eval(), tok
+
+
+def finish_load(model, ours, source, allowed_missing=()):
+    """Check names and shapes, load with assign=True, initialise the allowed missing params."""
+    expected = model.state_dict()
+    check_keys(expected, ours, source, allowed_missing)
+    for k, v in ours.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(ours, strict=False, assign=True)
+    fresh = [k for k in expected if k not in ours]
+    if fresh:  # modules new to this checkpoint (SALMA's MBA on a Sa2VA checkpoint) start from their init
+        init_fresh(model, fresh)
+
+
+def init_fresh(model, keys):
+    """Materialise meta parameters named in keys on CPU with their modules' own init."""
+    prefixes = {k.rsplit(".", 1)[0] for k in keys}
+    for name, module in model.named_modules():
+        if name in prefixes:
+            module.to_empty(device="cpu", recurse=False)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                for pname, p in module.named_parameters(recurse=False):
+                    p.data.fill_(model.cfg.gamma_init if pname == "gamma" else 0.0)
+
+
+def build_salma(cfg, init="", sam2_ckpt="", device="cpu"):
+    """SALMA (or Sa2VA with cfg.mba=False): random init, or an official Sa2VA directory in init."""
+    if init:
+        tok, cfg, ids = prepare_tokenizer(config_from_hf(init, cfg), init)
+        with torch.device("meta"):
+            model = SALMA(cfg, ids)
+        sd = read_safetensors(init)
+        ours = {rename_key(k) or f"<unknown>{k}": v for k, v in sd.items()}
+        finish_load(model, ours, init, allowed_missing=("mba.",))
+    else:
+        tok, cfg, ids = prepare_tokenizer(cfg)
+        model = SALMA(cfg, ids)
+    if sam2_ckpt:
+        load_sam2_checkpoint(model.grounding, sam2_ckpt)
+    return model.to(device, default_dtype(device)), tok
+
+
+def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
+    """recipe 'full': everything but the SAM-2 image encoder trains; 'sa2va': DESIGN section 4 groups."""
+    if recipe not in ("full", "sa2va"):
+        raise ValueError(f"--recipe={recipe!r}: expected 'full' or 'sa2va'")
+    model.requires_grad_(True)
+    model.grounding.sam2_model.image_encoder.requires_grad_(False)
+    if recipe == "sa2va":
+        model.mllm.vision_model.requires_grad_(False)
+        model.mllm.mlp1.requires_grad_(False)
+        llm = model.mllm.language_model
+        apply_lora(llm, lora_r, lora_alpha, lora_dropout)
+        llm.norm.requires_grad_(False)
+        llm.embed_tokens.requires_grad_(True)  # new-token rows ([SEG], ...) and lm_head rows train
+        llm.lm_head.requires_grad_(True)
+    return model
+
+
+def trainable_state_dict(model):
+    """Parameters that train (what a training checkpoint needs besides the init)."""
+    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def load_trainable_state_dict(model, sd):
+    """Load what trainable_state_dict saved, refusing missing or unexpected keys."""
+    check_keys(trainable_state_dict(model), sd, "training checkpoint")
+    model.load_state_dict(sd, strict=False)
