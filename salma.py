@@ -592,7 +592,8 @@ def build_sam2(cfg):
         initialize_config_module("sam2", version_base="1.2")
     hydra_cfg = compose(config_name=cfg.sam2_config, overrides=overrides)
     OmegaConf.resolve(hydra_cfg)
-    return instantiate(hydra_cfg.model, _recursive_=True)
+    with torch.device("cpu"):  # Hiera's constructor calls .item(), so it cannot be built on the meta device
+        return instantiate(hydra_cfg.model, _recursive_=True)
 
 
 @torch.no_grad()
@@ -799,6 +800,9 @@ class SALMA(nn.Module):
         with torch.no_grad():  # the SAM-2 image encoder is frozen in every recipe
             enc = self.grounding.encode_image(batch["sam_images"])
         seg, frame = batch["pair_seg"], batch["pair_frame"]
+        if seg.numel() == 0:  # chat-only batch: nothing to segment
+            low = enc["image_embed"].new_zeros(0, 1, 4 * enc["image_embed"].shape[-2], 4 * enc["image_embed"].shape[-1])
+            return {"logits": out["logits"], "low_res": low, "z_seg": z_seg, "tmc_feats": enc["image_embed"][:0]}
         image_embed = enc["image_embed"][frame]  # (P, C, h, w)
         high_res = [f[frame] for f in enc["high_res_feats"]]
         hidden = [h[rows[seg]] if h is not None else None for h in self.hidden_for_mba(out["hidden_states"])]
@@ -815,28 +819,37 @@ class SALMA(nn.Module):
     # --- inference
 
     @torch.inference_mode()
-    def answer(self, frames, expr, tokenizer, is_video=False, max_new_tokens=16):
-        """Run the MLLM on the Sa2VA eval prompt; returns (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L))."""
+    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=16):
+        """MLLM on Sa2VA's eval prompt -> (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L)).
+
+        Greedy generation as Sa2VA evaluates; force_seg=True instead teacher-forces the answer
+        "Sure, [SEG]." (one forward, for models not yet trained to answer with [SEG]).
+        """
         cfg = self.cfg
         pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
-        question = eval_prompt(expr, is_video)
         media = media_placeholder(pixel_values.shape[0], cfg, is_video)
-        ids, _, text_mask = encode_turns(tokenizer, [(question, None)], cfg.system_prompt, media)
-        stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
-        generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
-        sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
-        seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten()
+        turn = (eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None)
+        ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
+        if force_seg:
+            out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True)
+            sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
+        else:
+            stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+            generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
+            sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
+            text = tokenizer.decode(generated.tolist())
+        seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
         z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
         n = len(seg_pos)
         valid = torch.zeros(n, sequence.shape[0], dtype=torch.bool, device=self.device)
         valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
         hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
-        return tokenizer.decode(generated.tolist()), z_seg, hidden, valid
+        return text, z_seg, hidden, valid
 
     @torch.inference_mode()
-    def segment_image(self, image, expr, tokenizer, maps=None):
+    def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False):
         """Referring segmentation of one PIL image: bool mask (H, W), or an empty mask without [SEG]."""
-        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer)
+        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg)
         w, h = image.size
         if z_seg.shape[0] == 0:
             return torch.zeros(h, w, dtype=torch.bool)
@@ -855,6 +868,9 @@ class SALMA(nn.Module):
         return self.text_hidden_fcs[0].weight.device
 
 
+FORCED_ANSWER = "Sure, [SEG]."
+
+
 def eval_prompt(expr, is_video):
     """Sa2VA's evaluation questions."""
     if is_video:
@@ -867,7 +883,7 @@ def eval_prompt(expr, is_video):
 
 
 @torch.inference_mode()
-def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None):
+def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False):
     """Masks of a video, one frame at a time (never all frames at SAM-2 size in memory).
 
     load_frame(t) -> PIL image. The first cfg.video_frames frames go to the MLLM; frames
@@ -876,7 +892,7 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None)
     """
     cfg, sam = model.cfg, model.grounding.sam2_model
     mllm_frames = [load_frame(t) for t in range(min(cfg.video_frames, num_frames))]
-    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True)
+    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg)
     del mllm_frames
     if z_seg.shape[0] == 0:
         for t in range(num_frames):
@@ -1018,10 +1034,13 @@ def rename_key(key, to_ours=True):
     return None
 
 
-def check_keys(expected, got, source, allowed_missing=()):
-    """Raise one clear error naming the first missing/unexpected keys of a checkpoint."""
+def check_keys(expected, got, source, allowed_missing=(), official=False):
+    """Raise one clear error naming the first missing/unexpected keys (official names if official)."""
     missing = [k for k in expected if k not in got and not k.startswith(allowed_missing)]
     unexpected = [k for k in got if k not in expected]
+    if official:
+        missing = [rename_key(k, to_ours=False) or k for k in missing]
+        unexpected = [rename_key(k, to_ours=False) or k.removeprefix("<unknown>") for k in unexpected]
     if missing or unexpected:
         parts = [f"missing {len(missing)} keys (first: {missing[:3]})" if missing else "",
                  f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})" if unexpected else ""]
@@ -1131,48 +1150,37 @@ def load_internvl(model_dir, dtype=None, device="cpu"):
     tok, cfg, ids = prepare_tokenizer(config_from_hf(model_dir, Config.from_preset("internvl2_5-1b")), model_dir)
     with torch.device("meta"):
         model = InternVL(cfg, ids[IMG_CONTEXT])
-    ours = {(rename_key(k) or f"<unknown>{k}").removeprefix("mllm."): v for k, v in read_safetensors(model_dir).items()}
-    finish_load(model, ours, model_dir)
+    ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(model_dir).items()}
+    finish_load(model, ours, model_dir, prefix="mllm.")  # a bare InternVL is SALMA's .mllm
     return model.to(device, dtype or default_dtype(device)).eval(), tok
 
 
-def finish_load(model, ours, source, allowed_missing=()):
-    """Check names and shapes, load with assign=True, initialise the allowed missing params."""
-    expected = model.state_dict()
-    check_keys(expected, ours, source, allowed_missing)
+def finish_load(model, ours, source, allowed_missing=(), prefix=""):
+    """Check names (ours = SALMA names, model's own names + prefix) and shapes, then load with assign=True."""
+    expected = {prefix + k: v for k, v in model.state_dict().items()}
+    check_keys(expected, ours, source, allowed_missing, official=True)
     for k, v in ours.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(ours, strict=False, assign=True)
-    fresh = [k for k in expected if k not in ours]
-    if fresh:  # modules new to this checkpoint (SALMA's MBA on a Sa2VA checkpoint) start from their init
-        init_fresh(model, fresh)
+            raise ValueError(f"{source}: {rename_key(k, to_ours=False)} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in ours.items()}, strict=False, assign=True)
 
 
-def init_fresh(model, keys):
-    """Materialise meta parameters named in keys on CPU with their modules' own init."""
-    prefixes = {k.rsplit(".", 1)[0] for k in keys}
-    for name, module in model.named_modules():
-        if name in prefixes:
-            module.to_empty(device="cpu", recurse=False)
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            else:
-                for pname, p in module.named_parameters(recurse=False):
-                    p.data.fill_(model.cfg.gamma_init if pname == "gamma" else 0.0)
+def build_salma(cfg, init="", sam2_ckpt="", device="cpu", **overrides):
+    """SALMA (Sa2VA with mba=False): random init, or an official Sa2VA directory in init.
 
-
-def build_salma(cfg, init="", sam2_ckpt="", device="cpu"):
-    """SALMA (or Sa2VA with cfg.mba=False): random init, or an official Sa2VA directory in init."""
+    Sizes come from the checkpoint's config.json; overrides (e.g. mba=True) are applied last.
+    """
     if init:
-        tok, cfg, ids = prepare_tokenizer(config_from_hf(init, cfg), init)
+        tok, cfg, ids = prepare_tokenizer(replace(config_from_hf(init, cfg), **overrides), init)
         with torch.device("meta"):
             model = SALMA(cfg, ids)
-        sd = read_safetensors(init)
-        ours = {rename_key(k) or f"<unknown>{k}": v for k, v in sd.items()}
-        finish_load(model, ours, init, allowed_missing=("mba.",))
+        ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(init).items()}
+        has_mba = any(k.startswith("mba.") for k in ours)
+        finish_load(model, ours, init, allowed_missing=() if has_mba else ("mba.",))
+        if cfg.mba and not has_mba:  # SALMA on Sa2VA weights: fresh MBA blocks
+            model.mba = nn.ModuleList(MaskBiasedAttention(cfg, model.grounding.width) for _ in model.mba_layers)
     else:
-        tok, cfg, ids = prepare_tokenizer(cfg)
+        tok, cfg, ids = prepare_tokenizer(replace(cfg, **overrides))
         model = SALMA(cfg, ids)
     if sam2_ckpt:
         load_sam2_checkpoint(model.grounding, sam2_ckpt)

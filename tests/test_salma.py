@@ -1,0 +1,262 @@
+"""SAM-2 grounding (against sam2's own predictor), SALMA's pre-pass / router / MBA, the full model."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import losses
+import salma
+
+TINY = salma.Config.from_preset("tiny")
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model, tok = salma.build_salma(salma.Config.from_preset("tiny", **overrides))
+    return model.eval(), tok
+
+
+def scene(w=160, h=120, shift=0):
+    """A white image with a red square and a blue circle, and their masks (2, H, W)."""
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([10 + shift, 10, 50 + shift, 60], fill="red")
+    draw.ellipse([90, 60, 130, 100], fill="blue")
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[0, 10:61, 10 + shift:51 + shift] = True
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    masks[1] = (xx - 110) ** 2 + (yy - 80) ** 2 <= 400
+    return image, masks
+
+
+def sample(video=False, frames=5):
+    images, masks = zip(*(scene(shift=3 * t) for t in range(frames if video else 1)))
+    return {"id": "s", "frames": list(images), "exprs": ["the red square", "the blue circle"],
+            "masks": torch.stack(masks, dim=1), "is_video": video, "conversation": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM-2 image path
+
+
+def test_image_path_matches_sam2_image_predictor():
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model, _ = tiny_model()
+    grounding = model.grounding
+    with torch.no_grad():  # make the object-score head say "object present" so no mask is gated away
+        grounding.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+    image, _ = scene(256, 256)  # already at the model size: the predictor's resize is the identity
+    predictor = SAM2ImagePredictor(grounding.sam2_model)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # the predictor assumes 1024 px
+    predictor.set_image(np.array(image))
+    _, iou, low_ref = predictor.predict(point_coords=np.array([[0.0, 0.0]]), point_labels=np.array([-1]),
+                                        multimask_output=True, return_logits=True, normalize_coords=False)
+    best_ref = torch.from_numpy(low_ref[iou.argmax()])
+    with torch.no_grad():
+        enc = grounding.encode_image(salma.sam_pixels([image], 256))
+        ours = grounding.decode(enc["image_embed"], enc["high_res_feats"])[0, 0]
+    assert (ours.clamp(-32, 32) - best_ref).abs().max() < 1e-4
+
+
+def test_seg_embedding_is_a_third_sparse_token():
+    model, _ = tiny_model()
+    seen = []
+    hook = model.grounding.sam2_model.sam_mask_decoder.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(kwargs["sparse_prompt_embeddings"].shape), with_kwargs=True)
+    enc = model.grounding.encode_image(torch.randn(2, 3, 256, 256))
+    with torch.no_grad():
+        model.grounding.decode(enc["image_embed"], enc["high_res_feats"])
+        model.grounding.decode(enc["image_embed"], enc["high_res_feats"], torch.randn(2, 64))
+    hook.remove()
+    assert seen == [(2, 2, 64), (2, 3, 64)]
+
+
+def test_postprocess_upsamples_to_the_original_size():
+    logits = torch.zeros(1, 1, 64, 64)
+    logits[..., :32, :] = 5.0
+    mask = salma.SAM2Grounding.postprocess(logits, 256, (30, 50))[0, 0] > 0
+    assert mask.shape == (30, 50) and mask[:14].all() and not mask[16:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# SALMA pieces
+
+
+def test_mba_off_is_the_sa2va_baseline_bit_for_bit():
+    batch = salma.make_train_batch([sample()], salma.prepare_tokenizer(TINY)[0], TINY, [7])
+    salma_model, _ = tiny_model(seed=1, mba=True)
+    baseline, _ = tiny_model(seed=1, mba=False)
+    baseline.load_state_dict({k: v for k, v in salma_model.state_dict().items() if not k.startswith("mba.")})
+    with torch.no_grad():
+        out_off = baseline(batch)
+        for block in salma_model.mba:
+            block.gamma.fill_(0.0)  # gamma = 0: the residual adds nothing
+        out_gamma0 = salma_model(batch)
+    assert torch.equal(out_off["low_res"], out_gamma0["low_res"])
+
+
+def test_zero_gate_or_zero_gamma_leaves_features_unchanged_else_changes_them():
+    torch.manual_seed(0)
+    block = salma.MaskBiasedAttention(TINY, 64).eval()
+    feats, text = torch.randn(2, 64, 16, 16), torch.randn(2, 7, 64)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    gate = torch.rand(2, 1, 16, 16)
+    assert torch.equal(block(feats, text, valid, gate)[0], feats)  # gamma_init = 0
+    block.gamma.data.fill_(0.5)
+    assert torch.equal(block(feats, text, valid, torch.zeros_like(gate))[0], feats)
+    assert not torch.allclose(block(feats, text, valid, gate)[0], feats)
+    assert torch.equal(block(feats, text, valid, gate, ramp=0.0)[0], feats)
+
+
+def test_film_mode_modulates_features():
+    torch.manual_seed(0)
+    block = salma.MaskBiasedAttention(salma.Config.from_preset("tiny", mba_mode="film"), 64).eval()
+    feats = torch.randn(1, 64, 16, 16)
+    out, _ = block(feats, torch.randn(1, 5, 64), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 1, 16, 16))
+    assert not torch.allclose(out, feats)
+
+
+def test_router_picks_the_k_best_valid_tokens_and_gets_gradient():
+    torch.manual_seed(0)
+    router = salma.TopKRouter(16, 8, k=2)
+    tokens = torch.randn(3, 6, 16, requires_grad=True)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    scores = router.mlp(tokens).squeeze(-1)
+    selected, idx, ok = router(tokens, valid)
+    for b in range(3):
+        allowed = valid[b].nonzero().flatten()
+        best = allowed[scores[b, allowed].argsort(descending=True)[:2]]
+        assert set(idx[b][ok[b]].tolist()) == set(best.tolist())
+        assert valid[b, idx[b][ok[b]]].all()
+    assert ok.tolist() == [[True, True], [True, True], [True, False]]
+    selected.sum().backward()
+    assert router.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_pre_pass_has_no_gradient_and_uses_label_minus_one():
+    model, _ = tiny_model()
+    labels = []
+    hook = model.grounding.sam2_model.sam_prompt_encoder.register_forward_hook(
+        lambda m, args, kwargs, out: labels.append(kwargs["points"][1].clone()), with_kwargs=True)
+    enc = model.grounding.encode_image(torch.randn(1, 3, 256, 256))
+    feats = enc["image_embed"].detach().requires_grad_(True)
+    gate = salma.prior_gate(model.grounding, feats, enc["high_res_feats"], tau_gate=1.0)
+    hook.remove()
+    assert not gate.requires_grad and gate.shape == (1, 1, 16, 16)
+    assert ((gate > 0) & (gate < 1)).all()
+    assert labels and all((l == -1).all() for l in labels)
+
+
+def test_resolve_mba_layers():
+    assert salma.resolve_mba_layers("last", 24) == [23]
+    assert salma.resolve_mba_layers("all", 3) == [0, 1, 2]
+    assert salma.resolve_mba_layers("3,-1", 24) == [3, 23]
+    with pytest.raises(ValueError, match="mba_layers"):
+        salma.resolve_mba_layers("first", 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole model
+
+
+@pytest.mark.parametrize("mba_layers", ["last", "all"])
+def test_one_step_gives_finite_gradients_to_every_trainable_group(mba_layers):
+    torch.manual_seed(0)
+    model, tok = salma.build_salma(salma.Config.from_preset("tiny", mba_layers=mba_layers, gamma_init=0.1))
+    salma.set_trainable(model, "full")
+    model.train()
+    cfg = model.cfg
+    batch = salma.make_train_batch([sample(), sample(video=True)], tok, cfg, [1, 2])
+    assert batch["pair_seg"].tolist() == [0, 1] + [2] * 5 + [3] * 5
+    out = model(batch, ramp=1.0)
+    loss, logs = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
+    assert set(logs) >= {"lm", "bce", "dice", "tmc", "bound", "loss"} and all(np.isfinite(list(logs.values())))
+    loss.backward()
+    groups = {"router": "mba.0.router", "mba": "mba.0.attn", "gamma": "mba.0.gamma", "text_hidden_fcs": "text_hidden_fcs",
+              "decoder": "grounding.sam2_model.sam_mask_decoder", "llm": "mllm.language_model.layers"}
+    for group, prefix in groups.items():
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix) and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), group
+        assert sum(g.abs().sum() for g in grads) > 0, group
+    assert len(model.mba) == (cfg.llm_layers if mba_layers == "all" else 1)
+
+
+def test_segment_image_and_video_return_masks_of_the_input_size():
+    model, tok = tiny_model()
+    image, _ = scene()
+    maps = {}
+    with torch.no_grad():
+        for block in model.mba:
+            block.gamma.fill_(1.0)
+    mask = model.segment_image(image, "the red square", tok, maps=maps, force_seg=True)
+    assert mask.shape == (120, 160) and mask.dtype == torch.bool
+    assert maps["gate"].shape == (1, 1, 16, 16) and maps["attention"][0].shape == (1, 256, 2)
+    frames = [scene(shift=2 * t)[0] for t in range(8)]
+    masks = list(salma.segment_video(model, frames.__getitem__, len(frames), "the red square", tok, force_seg=True))
+    assert len(masks) == 8 and all(m.shape == (120, 160) for m in masks)
+
+
+def test_video_memory_is_used_and_stays_bounded():
+    model, tok = tiny_model()
+    sam = model.grounding.sam2_model
+    sizes = []
+    original = sam._prepare_memory_conditioned_features
+
+    def spy(**kwargs):
+        sizes.append(len(kwargs["output_dict"]["non_cond_frame_outputs"]) + len(kwargs["output_dict"]["cond_frame_outputs"]))
+        return original(**kwargs)
+
+    sam._prepare_memory_conditioned_features = spy
+    frames = [scene(shift=t % 7)[0] for t in range(30)]
+    masks_a = list(salma.segment_video(model, frames.__getitem__, 30, "the red square", tok, force_seg=True))
+    keep = max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)
+    assert len(sizes) == 30 - model.cfg.num_cond_frames
+    assert max(sizes) <= model.cfg.num_cond_frames + keep
+    # a tracked frame depends on what came before it: change frame 0 only, frame 6's logits move
+    logits = []
+    model.grounding.sam2_model._prepare_memory_conditioned_features = original
+    hook = sam.sam_mask_decoder.register_forward_hook(lambda m, a, out: logits.append(out[0].clone()))
+    for first in (frames[0], Image.new("RGB", (160, 120), "black")):
+        list(salma.segment_video(model, ([first] + frames[1:8]).__getitem__, 8, "the red square", tok, force_seg=True))
+    hook.remove()
+    per_run = len(logits) // 2
+    assert not torch.allclose(logits[per_run - 1], logits[-1])
+
+
+def test_sam2_checkpoint_loads_and_a_wrong_key_is_named(tmp_path):
+    model, _ = tiny_model(seed=0)
+    other, _ = tiny_model(seed=1)
+    path = tmp_path / "sam2_tiny.pt"
+    torch.save({"model": model.grounding.sam2_model.state_dict()}, path)
+    salma.load_sam2_checkpoint(other.grounding, str(path))
+    assert torch.equal(other.grounding.sam2_model.no_mem_embed, model.grounding.sam2_model.no_mem_embed)
+    sd = model.grounding.sam2_model.state_dict()
+    sd["sam_mask_decoder.bogus"] = sd.pop("sam_mask_decoder.iou_token.weight")
+    torch.save({"model": sd}, path)
+    with pytest.raises(ValueError, match=r"missing 1 keys.*iou_token.*unexpected 1 keys.*bogus"):
+        salma.load_sam2_checkpoint(other.grounding, str(path))
+
+
+def test_sa2va_checkpoint_round_trip_and_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model(seed=0, mba=False)
+    salma.save_official(model, tok, tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight" in names
+    assert "text_hidden_fcs.2.weight" in names and "language_model.lm_head.weight" in names
+    loaded, _ = salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path))  # SALMA on Sa2VA weights
+    assert loaded.cfg.mba is False  # the checkpoint's config says what it is
+    salma_on_sa2va, _ = salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path), mba=True)
+    assert all(b.gamma.item() == 0.0 for b in salma_on_sa2va.mba)  # fresh MBA, residual closed
+    batch = salma.make_train_batch([sample()], tok, model.cfg, [3])
+    with torch.no_grad():
+        assert torch.equal(model(batch)["low_res"], loaded(batch)["low_res"])
+        assert torch.equal(model(batch)["low_res"], salma_on_sa2va(batch)["low_res"])
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["grounding_encoder.sam2_model.extra"] = sd.pop("text_hidden_fcs.0.bias")
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"text_hidden_fcs.0.bias.*grounding_encoder.sam2_model.extra"):
+        salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path))
