@@ -1,0 +1,534 @@
+"""
+Data: generated spatial-referring scenes (the default), readers for the official layouts, mixing.
+
+  from data import build_dataset, build_train_mix
+  ds = build_dataset("synthetic", split="val")                      # generated, deterministic by seed
+  ds = build_dataset("refcocog", root="data/", split="val")         # refer-API pickles + COCO images
+  mix = build_train_mix("refcoco:4,mevis:4,revos:10", root="data/")  # the paper's repeat factors
+
+Every dataset yields the same dict: {"id", "frames": [PIL RGB] (T), "exprs": [str] (N),
+"masks": bool (N, T, H, W), "is_video", "conversation"}; long evaluation videos give
+"frame_paths" (read lazily with load_image) and "load_masks" instead of frames and masks.
+"""
+
+import json
+import math
+import os
+import pickle
+import random
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+WARNINGS = Counter()  # what was skipped or truncated, by reason; printed by train.py / eval.py
+
+
+def warn_once(reason, detail):
+    """Count a handled data problem; warn the first time each reason occurs."""
+    if WARNINGS[reason] == 0:
+        warnings.warn(f"{reason}: {detail} (further cases are counted, not printed)")
+    WARNINGS[reason] += 1
+
+
+def load_image(path):
+    """An RGB PIL image, or one clear error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: image not found; check --data_root and the dataset layout (README)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+def read_json(path):
+    """json.load with an error that names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; check --data_root and the dataset layout (README)")
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# generated spatial-referring scenes
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 12, "large": 24}  # half-extent in pixels
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+RELATIONS = {"left of": lambda a, b: a["cx"] < b["cx"], "right of": lambda a, b: a["cx"] > b["cx"],
+             "above": lambda a, b: a["cy"] < b["cy"], "below": lambda a, b: a["cy"] > b["cy"]}
+
+
+def draw_shape(draw, obj, fill):
+    """Draw one object (shape, cx, cy, r) with PIL; the same call renders image and mask."""
+    cx, cy, r = obj["cx"], obj["cy"], obj["r"]
+    if obj["shape"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif obj["shape"] == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def render(objects, size):
+    """(image, masks (K, H, W) bool) of non-overlapping objects on a light background."""
+    w, h = size
+    image = Image.new("RGB", size, (235, 235, 228))
+    draw = ImageDraw.Draw(image)
+    masks = []
+    for obj in objects:
+        draw_shape(draw, obj, COLOURS[obj["colour"]])
+        mask = Image.new("L", size, 0)
+        draw_shape(ImageDraw.Draw(mask), obj, 255)
+        masks.append(torch.from_numpy(np.array(mask) > 0))
+    return image, torch.stack(masks)
+
+
+def describe(obj, words):
+    """'the small red circle' with only the attribute words asked for."""
+    parts = [obj["size"] if "size" in words else "", obj["colour"] if "colour" in words else "", obj["shape"]]
+    return "the " + " ".join(p for p in parts if p)
+
+
+def objects_matching(text, objects):
+    """Indices of the objects a generated expression refers to (parsed from its words)."""
+    words = text.split()
+    if text.startswith(("the larger of the two", "the smaller of the two")):
+        colour = words[-2]
+        group = [i for i, o in enumerate(objects) if o["colour"] == colour]
+        if len(group) != 2 or objects[group[0]]["size"] == objects[group[1]]["size"]:
+            return []
+        want = "large" if words[1] == "larger" else "small"
+        return [i for i in group if objects[i]["size"] == want]
+    for relation, test in RELATIONS.items():
+        if f" {relation} " in text:
+            head, anchor_text = text.split(f" {relation} ")
+            anchors = objects_matching(anchor_text, objects)
+            if len(anchors) != 1:
+                return []
+            return [i for i in objects_matching(head, objects) if i != anchors[0] and test(objects[i], objects[anchors[0]])]
+    if " moving " in text:
+        head, direction = text.split(" moving ")
+        return [i for i in objects_matching(head, objects) if objects[i].get("direction") == direction]
+    wanted = {w for w in words if w in SIZES or w in COLOURS or w in SHAPES}
+    return [i for i, o in enumerate(objects) if wanted <= {o["size"], o["colour"], o["shape"]} and words[-1] in SHAPES]
+
+
+def pick_expression(objects, target, rng, video):
+    """An expression that picks out exactly the target; the kind (attribute, relation, comparative) first."""
+    obj = objects[target]
+    if video:
+        kinds = [[describe(obj, w) + f" moving {obj['direction']}" for w in ((), ("colour",), ("size", "colour"))]]
+    else:
+        kinds = [[describe(obj, w) for w in ((), ("colour",), ("size",), ("size", "colour"))],
+                 [f"{describe(obj, ())} {relation} {describe(anchor, w)}"
+                  for anchor in objects for relation in RELATIONS for w in (("colour",), ("size", "colour"))],
+                 [f"the {'larger' if obj['size'] == 'large' else 'smaller'} of the two {obj['colour']} shapes"]]
+    kinds = [[t for t in texts if objects_matching(t, objects) == [target]] for texts in kinds]
+    kinds = [texts for texts in kinds if texts]
+    return rng.choice(rng.choice(kinds)) if kinds else None
+
+
+class SyntheticRefDataset(torch.utils.data.Dataset):
+    """Generated scenes of shapes with distractors; sample i is a pure function of (seed, i)."""
+
+    def __init__(self, num_samples=10_000, image_size=(192, 192), seed=0, video_fraction=0.25, num_frames=5,
+                 max_exprs=3):
+        self.num_samples, self.size, self.seed = num_samples, image_size, seed
+        self.video_fraction, self.num_frames, self.max_exprs = video_fraction, num_frames, max_exprs
+
+    def __len__(self):
+        return self.num_samples
+
+    def place(self, rng, video):
+        """3-6 objects that never overlap (in any frame of a video)."""
+        w, h = self.size
+        objects = []
+        for _ in range(200):
+            if len(objects) == rng.randint(3, 6):
+                break
+            size = rng.choice(list(SIZES))
+            r = SIZES[size]
+            direction = rng.choice(list(DIRECTIONS)) if video else None
+            speed = rng.randint(3, 6) if video else 0
+            steps = self.num_frames - 1 if video else 0
+            dx, dy = DIRECTIONS[direction] if video else (0, 0)
+            x0, y0 = rng.randint(r + 1, w - r - 2), rng.randint(r + 1, h - r - 2)
+            x1, y1 = x0 + dx * speed * steps, y0 + dy * speed * steps
+            if not (r < x1 < w - r - 1 and r < y1 < h - r - 1):
+                continue
+            obj = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": size, "r": r,
+                   "cx": x0, "cy": y0, "direction": direction, "speed": speed}
+            if all(not paths_touch(obj, o, steps) for o in objects):
+                objects.append(obj)
+        return objects
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed * 1_000_003 + index)
+        video = rng.random() < self.video_fraction
+        objects = self.place(rng, video)
+        order = list(range(len(objects)))
+        rng.shuffle(order)
+        exprs, targets = [], []
+        for i in order:
+            text = pick_expression(objects, i, rng, video)
+            if text and len(exprs) < self.max_exprs:
+                exprs.append(text)
+                targets.append(i)
+        frames, masks = [], []
+        for t in range(self.num_frames if video else 1):
+            moved = [moved_object(o, t) for o in objects]
+            image, object_masks = render(moved, self.size)
+            frames.append(image)
+            masks.append(object_masks[targets] if targets else object_masks[:0])
+        return {"id": f"synthetic-{self.seed}-{index}", "frames": frames, "exprs": exprs,
+                "masks": torch.stack(masks, dim=1), "is_video": video, "conversation": None,
+                "objects": objects, "targets": targets}
+
+
+def moved_object(obj, t):
+    """The object at frame t of a video (linear motion)."""
+    dx, dy = DIRECTIONS[obj["direction"]] if obj["direction"] else (0, 0)
+    return {**obj, "cx": obj["cx"] + dx * obj["speed"] * t, "cy": obj["cy"] + dy * obj["speed"] * t}
+
+
+def paths_touch(a, b, steps):
+    """Whether two objects come within 3 px of each other's bounding boxes in any frame."""
+    for t in range(steps + 1):
+        ma, mb = moved_object(a, t), moved_object(b, t)
+        if abs(ma["cx"] - mb["cx"]) <= ma["r"] + mb["r"] + 3 and abs(ma["cy"] - mb["cy"]) <= ma["r"] + mb["r"] + 3:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO masks: polygons and RLE (uncompressed counts or the compressed string), column-major
+
+
+def rle_string_to_counts(text):
+    """COCO's compressed RLE string -> run lengths (pycocotools' rleFrString)."""
+    counts, pos = [], 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[pos]) - 48
+            value |= (c & 0x1F) << (5 * shift)
+            more = bool(c & 0x20)
+            pos, shift = pos + 1, shift + 1
+            if not more and c & 0x10:
+                value |= -1 << (5 * shift)
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
+
+
+def counts_to_rle_string(counts):
+    """Run lengths -> COCO's compressed RLE string (pycocotools' rleToString)."""
+    out = []
+    for i, count in enumerate(counts):
+        value = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = value & 0x1F
+            value >>= 5
+            more = value != -1 if c & 0x10 else value != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def rle_decode(rle):
+    """{"size": [h, w], "counts": str | list} -> bool mask (H, W) (COCO order: column-major)."""
+    h, w = rle["size"]
+    counts = rle_string_to_counts(rle["counts"]) if isinstance(rle["counts"], str) else list(rle["counts"])
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h}x{w}={h * w}")
+    values = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
+    return torch.from_numpy(values.reshape(w, h).T.copy())
+
+
+def rle_encode(mask):
+    """bool mask (H, W) -> {"size": [h, w], "counts": compressed str}."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts_to_rle_string(counts)}
+
+
+def coco_mask(segmentation, h, w):
+    """A COCO segmentation (polygons or RLE) -> bool mask (H, W); union of parts; empty -> empty."""
+    if isinstance(segmentation, dict):
+        return rle_decode(segmentation)
+    canvas = Image.new("L", (w, h), 0)
+    for polygon in segmentation or []:
+        if len(polygon) >= 6:
+            ImageDraw.Draw(canvas).polygon(list(map(float, polygon)), fill=1, outline=1)
+    return torch.from_numpy(np.array(canvas) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# official readers
+
+
+class RefCOCODataset(torch.utils.data.Dataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg in the refer-API layout.
+
+    {root}/{name}/instances.json, {root}/{name}/refs(unc).p (refcocog: refs(umd).p),
+    images at {root}/coco/train2014/<file_name>. per_expression=True: one item per sentence (eval);
+    else one item per ref with its sentences (training).
+    """
+
+    def __init__(self, root, name="refcocog", split="val", per_expression=True, max_chars=400):
+        folder = os.path.join(root, name)
+        refs_path = os.path.join(folder, "refs(umd).p" if name == "refcocog" else "refs(unc).p")
+        if not os.path.isfile(refs_path):
+            raise FileNotFoundError(f"{refs_path}: not found; put the refer-API files of {name} under {folder}")
+        with open(refs_path, "rb") as f:
+            refs = [r for r in pickle.load(f) if r["split"] == split]
+        if not refs:
+            raise ValueError(f"{refs_path}: no refs in split {split!r}")
+        instances = read_json(os.path.join(folder, "instances.json"))
+        self.images = {im["id"]: im for im in instances["images"]}
+        self.anns = {a["id"]: a for a in instances["annotations"]}
+        self.image_dir, self.max_chars = os.path.join(root, "coco", "train2014"), max_chars
+        self.items = []
+        for ref in refs:
+            if ref["ann_id"] not in self.anns or ref["image_id"] not in self.images:
+                warn_once("annotation points at nothing", f"{refs_path}: ref {ref['ref_id']}")
+                continue
+            sents = [s["sent"] for s in ref["sentences"]]
+            self.items += [(ref, [s]) for s in sents] if per_expression else [(ref, sents)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        ref, sents = self.items[index]
+        info = self.images[ref["image_id"]]
+        image = load_image(os.path.join(self.image_dir, info["file_name"]))
+        mask = coco_mask(self.anns[ref["ann_id"]]["segmentation"], info["height"], info["width"])
+        exprs = [truncate(s, self.max_chars) for s in sents]
+        return {"id": f"{ref['ref_id']}", "frames": [image], "exprs": exprs,
+                "masks": mask[None, None].expand(len(exprs), 1, -1, -1).clone(), "is_video": False, "conversation": None}
+
+
+def truncate(text, max_chars):
+    """Cut an over-long expression (counted) so it fits the context."""
+    if len(text) > max_chars:
+        warn_once("expression truncated", f"{len(text)} > {max_chars} chars")
+        return text[:max_chars]
+    return text
+
+
+class VideoRefDataset(torch.utils.data.Dataset):
+    """Referring video items (one per expression): frames sampled for training, all frames lazily for eval.
+
+    items: dicts with id, frame_paths, expr, and masks(frame_indices) -> bool (T, H, W) or None.
+    """
+
+    def __init__(self, items, num_frames=5, train=True, seed=0):
+        self.items, self.num_frames, self.train, self.seed = items, num_frames, train, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        if not self.train:
+            return {"id": item["id"], "frame_paths": item["frame_paths"], "exprs": [item["expr"]],
+                    "load_masks": item["masks"], "is_video": True, "conversation": None}
+        rng = random.Random(self.seed * 1_000_003 + index)
+        n = len(item["frame_paths"])
+        chosen = sorted(rng.sample(range(n), min(self.num_frames, n)))
+        frames = [load_image(item["frame_paths"][t]) for t in chosen]
+        masks = item["masks"](chosen)
+        if masks is None:
+            raise ValueError(f"{item['id']}: this split has no masks; it cannot be used for training")
+        return {"id": item["id"], "frames": frames, "exprs": [item["expr"]], "masks": masks[None],
+                "is_video": True, "conversation": None}
+
+
+def palette_masks(ann_dir, frames, obj_id):
+    """Loader of (T, H, W) masks of one object id from palette PNGs (index = object id)."""
+    def load(indices):
+        out = []
+        for t in indices:
+            path = os.path.join(ann_dir, frames[t] + ".png")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: annotation not found")
+            out.append(torch.from_numpy(np.array(Image.open(path)) == int(obj_id)))
+        return torch.stack(out)
+    return load
+
+
+def ytvos_items(root, split):
+    """Ref-YouTube-VOS / Ref-DAVIS17 (same layout): {root}/meta_expressions/{split}/meta_expressions.json,
+    {root}/{split}/JPEGImages/<vid>/<frame>.jpg, {root}/{split}/Annotations/<vid>/<frame>.png."""
+    meta = read_json(os.path.join(root, "meta_expressions", split, "meta_expressions.json"))["videos"]
+    items = []
+    for vid, video in sorted(meta.items()):
+        frame_paths = [os.path.join(root, split, "JPEGImages", vid, f + ".jpg") for f in video["frames"]]
+        ann_dir = os.path.join(root, split, "Annotations", vid)
+        for exp_id, exp in sorted(video["expressions"].items(), key=lambda kv: int(kv[0])):
+            has_masks = os.path.isdir(ann_dir) and "obj_id" in exp
+            masks = palette_masks(ann_dir, video["frames"], exp["obj_id"]) if has_masks else (lambda idx: None)
+            items.append({"id": f"{vid}/{exp_id}", "frame_paths": frame_paths, "expr": exp["exp"], "masks": masks,
+                          "video": vid, "exp_id": exp_id, "frames": video["frames"]})
+    return items
+
+
+def rle_union_masks(mask_dict, anno_ids, source):
+    """Loader of (T, H, W) masks: per frame, the union of the RLEs of anno_ids (None = absent)."""
+    for a in anno_ids:
+        if str(a) not in mask_dict:
+            raise ValueError(f"{source}: anno_id {a} is not in mask_dict.json")
+
+    def load(indices):
+        out = []
+        for t in indices:
+            rles = [mask_dict[str(a)][t] for a in anno_ids]
+            size = next((r["size"] for r in rles if r), None)
+            mask = torch.zeros(size, dtype=torch.bool) if size else None
+            for r in rles:
+                if r:
+                    mask |= rle_decode(r)
+            out.append(mask)
+        if any(m is None for m in out):
+            shape = next((m.shape for m in out if m is not None), None)
+            if shape is None:
+                return None
+            out = [m if m is not None else torch.zeros(shape, dtype=torch.bool) for m in out]
+        return torch.stack(out)
+    return load
+
+
+def mevis_items(root, split, meta_name="meta_expressions.json"):
+    """MeViS (and ReVOS): {root}/{split}/meta_expressions.json, {root}/{split}/mask_dict.json,
+    {root}/{split}/JPEGImages/<vid>/<frame>.jpg; an expression's GT = union over its anno_ids."""
+    folder = os.path.join(root, split)
+    meta = read_json(os.path.join(folder, meta_name))["videos"]
+    dict_path = os.path.join(folder, "mask_dict.json")
+    mask_dict = read_json(dict_path) if os.path.isfile(dict_path) else None
+    items = []
+    for vid, video in sorted(meta.items()):
+        frame_paths = [os.path.join(folder, "JPEGImages", vid, f + ".jpg") for f in video["frames"]]
+        for exp_id, exp in sorted(video["expressions"].items(), key=lambda kv: int(kv[0])):
+            anno_ids = exp.get("anno_id", [])
+            masks = rle_union_masks(mask_dict, anno_ids, dict_path) if mask_dict and anno_ids else (lambda idx: None)
+            items.append({"id": f"{vid}/{exp_id}", "frame_paths": frame_paths, "expr": exp["exp"], "masks": masks,
+                          "video": vid, "exp_id": exp_id, "frames": video["frames"]})
+    return items
+
+
+class LLaVAChatDataset(torch.utils.data.Dataset):
+    """LLaVA-style chat JSON: [{"id", "image", "conversations": [{"from", "value"}]}]; no masks."""
+
+    def __init__(self, json_path, image_root):
+        self.records, self.image_root = read_json(json_path), image_root
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        image = load_image(os.path.join(self.image_root, rec["image"]))
+        return {"id": str(rec.get("id", index)), "frames": [image], "exprs": [],
+                "masks": torch.zeros(0, 1, image.height, image.width, dtype=torch.bool), "is_video": False,
+                "conversation": rec["conversations"]}
+
+
+def build_dataset(name, root="", split="val", train=False, seed=0, num_samples=None):
+    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava."""
+    if name == "synthetic":
+        n = num_samples or (10_000 if train else 200)
+        return SyntheticRefDataset(n, seed=seed if train else seed + 10_000)
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (README: Data)")
+    if name in ("refcoco", "refcoco+", "refcocog"):
+        return RefCOCODataset(root, name, split, per_expression=not train)
+    if name in ("ytvos", "davis17"):
+        return VideoRefDataset(ytvos_items(os.path.join(root, name), split), train=train, seed=seed)
+    if name in ("mevis", "revos"):
+        return VideoRefDataset(mevis_items(os.path.join(root, name), split), train=train, seed=seed)
+    if name == "llava":
+        return LLaVAChatDataset(os.path.join(root, "llava", f"{split}.json"), os.path.join(root, "llava", "images"))
+    raise ValueError(f"unknown dataset {name!r}; choose synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava")
+
+
+# ---------------------------------------------------------------------------------------------
+# mixing, a resumable distributed sampler, batches
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Datasets visited with repeat factors (fractional allowed): [(dataset, factor), ...]."""
+
+    def __init__(self, parts):
+        self.index = []  # (part, item) pairs, deterministic
+        self.parts = [d for d, _ in parts]
+        for p, (dataset, factor) in enumerate(parts):
+            n = len(dataset)
+            whole, frac = int(factor), factor - int(factor)
+            self.index += [(p, i) for _ in range(whole) for i in range(n)]
+            self.index += [(p, i) for i in range(int(round(frac * n)))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, index):
+        part, item = self.index[index]
+        return self.parts[part][item]
+
+
+def build_train_mix(spec, root="", seed=0):
+    """'refcoco:4,mevis:4,revos:10' -> MixedDataset of the train splits; 'synthetic:1' needs no root."""
+    parts = []
+    for entry in spec.split(","):
+        name, _, factor = entry.partition(":")
+        try:
+            factor = float(factor or 1)
+        except ValueError:
+            raise ValueError(f"--data={spec!r}: {entry!r} is not dataset:repeat_factor") from None
+        parts.append((build_dataset(name, root, split="train", train=True, seed=seed), factor))
+    return MixedDataset(parts)
+
+
+class DistributedResumableSampler:
+    """Shuffled indices sharded across ranks (rank r takes every world-th), resumable mid-epoch."""
+
+    def __init__(self, dataset_len, num_replicas=1, rank=0, seed=0, shuffle=True):
+        self.n, self.world, self.rank, self.seed, self.shuffle = dataset_len, num_replicas, rank, seed, shuffle
+        self.epoch, self.position = 0, 0  # position: how many of this rank's indices were handed out
+
+    def indices(self):
+        """This rank's indices for the current epoch (padded so every rank has the same count)."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist() if self.shuffle else list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        order += order[: per_rank * self.world - self.n]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        while True:
+            mine = self.indices()
+            while self.position < len(mine):
+                self.position += 1
+                yield mine[self.position - 1]
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def batch_iterator(dataset, sampler, batch_size):
+    """Endless (samples, indices) batches in sampler order; the sampler's state is the data position."""
+    stream = iter(sampler)
+    while True:
+        indices = [next(stream) for _ in range(batch_size)]
+        yield [dataset[i] for i in indices], indices
