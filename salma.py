@@ -96,15 +96,16 @@ INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由�
 PRESETS["internvl2_5-1b"]["system_prompt"] = INTERNVL_SYSTEM_PROMPT
 
 
-def add_dataclass_flags(parser, instance, title):
-    """Add a --field flag for every field of a dataclass instance (its value is the default)."""
+def add_dataclass_flags(parser, instance, title, from_preset=False):
+    """A --field flag per dataclass field; from_preset: default None (= the preset's value)."""
     group = parser.add_argument_group(title)
     for f in fields(instance):
-        default = getattr(instance, f.name)
-        if isinstance(default, bool):
-            group.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="BOOL", help=f"default {default}")
-        else:
-            group.add_argument(f"--{f.name}", type=type(default), default=default, help=f"default {default!r}")
+        value = getattr(instance, f.name)
+        kind = parse_bool if isinstance(value, bool) else type(value)
+        default = None if from_preset else value
+        note = f"preset value; sa2va-1b: {value!r}" if from_preset else f"default {value!r}"
+        metavar = "BOOL" if kind is parse_bool else kind.__name__.upper()
+        group.add_argument(f"--{f.name}", type=kind, default=default, metavar=metavar, help=note)
 
 
 def parse_bool(text):
@@ -116,14 +117,14 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def dataclass_from_args(cls, args, base=None):
-    """Build cls from parsed flags; with base, only flags that differ from cls() override base."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls)}
-    if base is None:
-        return cls(**values)
-    default = cls()
-    changed = {k: v for k, v in values.items() if v != getattr(default, k)}
-    return replace(base, **changed)
+def dataclass_from_args(cls, args):
+    """Build cls from the parsed flags of its fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def preset_overrides(args):
+    """The model flags given on the command line (the rest come from the preset or checkpoint)."""
+    return {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
 
 
 def default_dtype(device):

@@ -1,0 +1,276 @@
+"""
+Train SALMA (or the Sa2VA baseline with --mba=False). One file, no framework.
+
+  python train.py                                  # tiny SALMA on generated data, CPU, a few minutes
+  python train.py --out_dir=out/tiny --resume      # continue exactly where a run stopped
+  torchrun --standalone --nproc_per_node=8 train.py --preset=sa2va-1b --init=ckpts/Sa2VA-1B \\
+      --data=refcoco:4,refcoco+:4,refcocog:4,mevis:4,revos:10,ytvos:4 --data_root=data/
+  python train.py --export=out/tiny/export         # write the trained model in the official layout
+
+Every model knob is a flag too (`python train.py --help`). Checkpoints (`ckpt.pt` + `ckpt.json`) hold
+the trainable weights, optimizer, scheduler, step, RNG states and data position.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import losses
+import salma
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/tiny"
+    init: str = ""  # official checkpoint directory (Sa2VA / InternVL) to start from; "" = random init
+    sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
+    data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
+    data_root: str = ""  # "" = generated synthetic data
+    max_steps: int = 300
+    batch_size: int = 2  # per device
+    grad_accum: int = 1
+    lr: float = 0.0  # 0 = auto: 4e-5 (the recipe) with --init, 1e-3 from scratch
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    recipe: str = "auto"  # sa2va: frozen ViT + SAM-2 encoder, LoRA LLM (auto with --init); full: all but the SAM-2 encoder
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    resume: bool = False
+    fsdp: bool = False
+    export: str = ""  # write the model of out_dir/ckpt.pt in the official layout here and exit
+
+
+# ---------------------------------------------------------------------------------------------
+# flags: every field of TrainConfig, the model Config and the loss weights is a --flag
+
+
+def parse_args(argv=None):
+    """Parse --flags generated from TrainConfig, LossConfig and the model Config."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="model size preset (default tiny)")
+    salma.add_dataclass_flags(parser, TrainConfig(), "training")
+    salma.add_dataclass_flags(parser, losses.LossConfig(), "loss weights (Eq. 5)")
+    salma.add_dataclass_flags(parser, salma.Config(), "model (default: the preset's value)", from_preset=True)
+    args = parser.parse_args(argv)
+    train_cfg = salma.dataclass_from_args(TrainConfig, args)
+    if train_cfg.recipe == "auto":
+        train_cfg.recipe = "sa2va" if train_cfg.init else "full"
+    if train_cfg.lr == 0:
+        train_cfg.lr = 4e-5 if train_cfg.init else 1e-3
+    return train_cfg, salma.dataclass_from_args(losses.LossConfig, args), args.preset, salma.preset_overrides(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed set-up (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
+
+
+def setup_distributed():
+    """Start the process group under torchrun; return (rank, local_rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return rank, local_rank, world_size, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return rank, local_rank, world_size, torch.device("cpu")
+
+
+def wrap_model(model, device, use_fsdp):
+    """Wrap for data parallelism: DDP, or FSDP2 `fully_shard` when the model outgrows one GPU."""
+    if not dist.is_initialized():
+        return model
+    if use_fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.mllm.language_model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer, schedule, checkpoints
+
+
+def lr_factor(step, cfg):
+    """Linear warm-up over warmup_frac of max_steps, then cosine decay to min_lr_ratio."""
+    warmup = max(1, int(cfg.warmup_frac * cfg.max_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg):
+    """AdamW with weight decay on matrices only; returns (optimizer, LambdaLR scheduler)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return optimizer, scheduler
+
+
+def rng_state():
+    """All RNG states a resumed run needs to continue bit for bit."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loadable with weights_only
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() saved."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, sampler, step, configs):
+    """Write ckpt.pt atomically (temp file + rename) and a ckpt.json saying what it is."""
+    state = {
+        "model": salma.trainable_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "configs": configs,
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    info = {"step": step, "what": "salma training checkpoint (trainable weights + optimizer state)", **configs}
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def load_checkpoint(path):
+    """Read a training checkpoint written by save_checkpoint (tensors and plain Python only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from; drop --resume or set --out_dir")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def main(argv=None):
+    """Train; see the module docstring for the commands."""
+    train_cfg, loss_cfg, preset, overrides = parse_args(argv)
+    if train_cfg.export:
+        return export(train_cfg, preset, overrides)
+    rank, local_rank, world_size, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(train_cfg.seed)  # same init on every rank
+    random.seed(train_cfg.seed)
+    np.random.seed(train_cfg.seed)
+    os.makedirs(train_cfg.out_dir, exist_ok=True)
+
+    model, tokenizer = build_model(train_cfg, preset, overrides)
+    model.to(device).train()
+    model_cfg = model.cfg
+    dataset = data.build_train_mix(train_cfg.data, train_cfg.data_root, seed=train_cfg.seed)
+    sampler = data.DistributedResumableSampler(len(dataset), world_size, rank, seed=train_cfg.seed)
+    optimizer, scheduler = make_optimizer(model, train_cfg)
+    ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
+    step = 0
+    if train_cfg.resume:
+        state = load_checkpoint(ckpt_path)
+        salma.load_trainable_state_dict(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    ddp_model = wrap_model(model, device, train_cfg.fsdp)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
+    batches = data.batch_iterator(dataset, sampler, train_cfg.batch_size)
+    log_path = os.path.join(train_cfg.out_dir, "log.jsonl")
+    if master and not train_cfg.resume and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not master, desc="train")
+    while step < train_cfg.max_steps:
+        t0 = time.time()
+        ramp = losses.ramp(step, train_cfg.max_steps, loss_cfg.ramp_frac)
+        logs = {}
+        for micro in range(train_cfg.grad_accum):
+            samples, indices = next(batches)
+            batch = salma.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
+            batch = salma.to_device(batch, device)
+            last = micro == train_cfg.grad_accum - 1
+            sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+            with sync, autocast:
+                out = ddp_model(batch, ramp=ramp)
+                loss, parts = losses.total_loss(losses.salma_loss_parts(out, batch, loss_cfg), loss_cfg, ramp)
+            (loss / train_cfg.grad_accum).backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v / train_cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if master:
+            logs.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), ramp=ramp, sec=time.time() - t0)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(logs) + "\n")
+            if step % train_cfg.log_every == 0 or step == 1:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "lm", "bce", "dice", "tmc", "bound")})
+            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, sampler, step, configs)
+    bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_model(train_cfg, preset, overrides):
+    """The model to train: preset (+ flags), initialised from --init / --sam2_ckpt, groups set."""
+    cfg = salma.Config.from_preset(preset)
+    model, tokenizer = salma.build_salma(cfg, init=train_cfg.init, sam2_ckpt=train_cfg.sam2_ckpt, **overrides)
+    salma.set_trainable(model, train_cfg.recipe, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout)
+    return model, tokenizer
+
+
+def export(train_cfg, preset, overrides):
+    """Write out_dir/ckpt.pt's model in the official Sa2VA layout to --export (LoRA merged)."""
+    state = load_checkpoint(os.path.join(train_cfg.out_dir, "ckpt.pt"))
+    model, tokenizer = build_model(train_cfg, preset, overrides)
+    salma.load_trainable_state_dict(model, state["model"])
+    salma.merge_lora(model.mllm.language_model)
+    salma.save_official(model, tokenizer, train_cfg.export)
+    print(f"exported step {state['step']} of {train_cfg.out_dir} to {train_cfg.export}")
+
+
+if __name__ == "__main__":
+    main()
