@@ -133,6 +133,16 @@ def make_optimizer(model, cfg):
     return optimizer, scheduler
 
 
+def ranks_in_sync(model):
+    """Whether every rank holds the same weights (checksums compared across ranks)."""
+    if not dist.is_initialized():
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None]
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def rng_state():
     """All RNG states a resumed run needs to continue bit for bit."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -247,7 +257,10 @@ def main(argv=None):
                 f.write(json.dumps(logs) + "\n")
             if step % train_cfg.log_every == 0 or step == 1:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "lm", "bce", "dice", "tmc", "bound")})
-            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+        if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+            if not ranks_in_sync(model):  # every rank must call this collective
+                raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
+            if master:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, sampler, step, configs)
     bar.close()
     if dist.is_initialized():
