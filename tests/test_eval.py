@@ -1,0 +1,213 @@
+"""eval.py: metrics on hand-made masks, F against an independent formulation, end-to-end runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def box(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# cIoU / gIoU
+
+
+def test_ciou_giou_hand_computed_with_edge_cases():
+    meter = ev.RefSegMeter()
+    meter.add(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 2, 0, 4))  # I=4, U=8 -> 0.5
+    meter.add(np.zeros((10, 10), bool), np.zeros((10, 10), bool))  # both empty -> IoU 1, I=U=0
+    meter.add(None, box(10, 10, 9, 10, 9, 10))  # missing prediction = empty; one-pixel GT at the border -> 0
+    meter.add(box(10, 10, 0, 10, 0, 10), np.zeros((10, 10), bool))  # empty GT, full prediction -> 0, U=100
+    r = meter.result()
+    assert r["N"] == 4
+    assert r["cIoU"] == pytest.approx(100 * 4 / (8 + 0 + 1 + 100))
+    assert r["gIoU"] == pytest.approx(100 * (0.5 + 1 + 0 + 0) / 4)
+
+
+def test_ciou_by_area_buckets():
+    meter = ev.RefSegMeter()
+    meter.add(box(100, 100, 0, 1, 0, 1), box(100, 100, 0, 1, 0, 1))  # area 0.01%: perfect
+    meter.add(np.zeros((100, 100), bool), box(100, 100, 0, 3, 0, 5))  # 0.15%: missed (U = 15)
+    meter.add(box(100, 100, 0, 10, 0, 10), box(100, 100, 0, 10, 0, 20))  # 2%: I=100, U=200
+    r = meter.result()
+    assert (r["N<1%"], r["N<2%"], r["N<5%"], r["Nall"]) == (2, 2, 3, 3)
+    assert r["cIoU<1%"] == pytest.approx(100 * 1 / 16)
+    assert r["cIoU<5%"] == pytest.approx(100 * 101 / 216) == r["cIoUall"]
+
+
+# ---------------------------------------------------------------------------------------------
+# J and F (DAVIS-2017 semantics)
+
+
+def test_j_hand_computed():
+    assert ev.db_eval_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert ev.db_eval_iou(box(4, 4, 0, 2, 0, 2), np.zeros((4, 4), bool)) == 0.0
+    assert ev.db_eval_iou(box(4, 4, 0, 2, 0, 2), box(4, 4, 0, 2, 0, 4)) == 0.5
+
+
+def test_seg2bmap_of_a_square():
+    b = ev.seg2bmap(box(6, 6, 1, 4, 1, 4))  # a 3x3 square at rows/cols 1..3
+    expected = np.zeros((6, 6), bool)
+    # a pixel is boundary when it differs from its east, south or south-east neighbour: the pixels just
+    # above/left of the square, and the square's own bottom row and right column
+    expected[0, 0:4] = expected[0:4, 0] = expected[3, 1:4] = expected[1:4, 3] = True
+    assert (b == expected).all()
+    # a mask touching the borders: the image edge is no boundary (last row/column compare along the edge only)
+    assert not ev.seg2bmap(np.ones((3, 3), bool)).any()
+    right = ev.seg2bmap(box(3, 3, 0, 3, 1, 3))  # columns 1-2 filled: only column 0 (left of the edge) is boundary
+    assert right.tolist() == [[True, False, False], [True, False, False], [True, False, False]]
+
+
+def test_f_edge_cases():
+    empty, square = np.zeros((20, 20), bool), box(20, 20, 5, 10, 5, 10)
+    assert ev.f_measure(empty, empty) == 1.0
+    assert ev.f_measure(square, empty) == 0.0  # no predicted boundary: precision 1, recall 0
+    assert ev.f_measure(empty, square) == 0.0  # no GT boundary: precision 0, recall 1
+    assert ev.f_measure(square, square) == 1.0
+    pixel = box(20, 20, 19, 20, 19, 20)  # a one-pixel object in the corner: its 3 up/left neighbours are boundary
+    assert ev.seg2bmap(pixel).sum() == 3 and ev.f_measure(pixel, pixel) == 1.0
+    far = box(20, 20, 0, 1, 0, 1)  # radius ceil(0.008 * 28.3) = 1 px: far-apart pixels do not match
+    assert ev.f_measure(pixel, far) == 0.0
+
+
+def f_by_distances(gt, pred, bound_th=0.008):
+    """F written differently: a boundary pixel matches if one of the other's lies within the disk radius."""
+    radius = math.ceil(bound_th * math.hypot(*gt.shape))
+    pb, gb = np.argwhere(ev.seg2bmap(pred)), np.argwhere(ev.seg2bmap(gt))
+    if len(pb) == 0 and len(gb) == 0:
+        return 1.0
+    if len(pb) == 0 or len(gb) == 0:
+        return 0.0
+    d2 = ((pb[:, None, :] - gb[None, :, :]) ** 2).sum(-1)
+    precision = (d2.min(1) <= radius * radius).mean()
+    recall = (d2.min(0) <= radius * radius).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_f_measure_matches_a_per_pixel_distance_formulation():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = rng.integers(20, 200, 2)
+        gt = np.zeros((h, w), bool)
+        pred = np.zeros((h, w), bool)
+        for m in (gt, pred):
+            for _ in range(rng.integers(0, 3)):
+                y, x = rng.integers(0, h), rng.integers(0, w)
+                m[y:y + rng.integers(1, h // 2 + 2), x:x + rng.integers(1, w // 2 + 2)] = True
+        assert ev.f_measure(gt, pred) == pytest.approx(f_by_distances(gt, pred), abs=1e-12)
+
+
+def test_jf_meter_averages_per_expression_over_all_frames():
+    meter = ev.JFMeter()
+    sq = box(20, 20, 5, 10, 5, 10)
+    meter.add("a", [sq, None], [sq, sq])  # J: 1, 0 ; F: 1, 0
+    meter.add("b", [sq], [sq])
+    r = meter.result()
+    assert r["J"] == pytest.approx(100 * (0.5 + 1) / 2) and r["F"] == pytest.approx(75.0) and r["J&F"] == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="2 predicted frames for 1"):
+        meter.add("c", [sq, sq], [sq])
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: a tiny trained checkpoint on synthetic, RefCOCOg and MeViS fixtures, the YTVOS zip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=30", "--save_every=30", f"--out_dir={out}"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return str(out)
+
+
+def run_eval(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--quiet", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_eval_synthetic_images_and_videos_write_every_field(trained, tmp_path):
+    for dataset, fields in (("synthetic", {"cIoU", "gIoU", "cIoU<1%", "cIoU<2%", "cIoU<5%", "cIoUall", "N"}),
+                            ("synthetic_video", {"J", "F", "J&F", "N"})):
+        out = tmp_path / dataset
+        proc = run_eval(f"--dataset={dataset}", f"--ckpt={trained}", "--num_samples=3", f"--out_dir={out}", "--force_seg=True")
+        assert proc.returncode == 0, proc.stderr
+        metrics = json.load(open(out / "metrics.json"))
+        assert fields | {"dataset", "items_per_s", "mba"} <= set(metrics) and metrics["N"] >= 3
+        assert len(open(out / "predictions.jsonl").readlines()) == metrics["N"]
+
+
+def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_path):
+    from test_data import refcoco_fixture
+
+    refcoco_fixture(tmp_path)
+    for mba in ("True", "False"):
+        out = tmp_path / f"out_{mba}"
+        proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}")
+        assert proc.returncode == 0, proc.stderr
+        metrics = json.load(open(out / "metrics.json"))
+        assert metrics["N"] == 3 and metrics["mba"] == (mba == "True") and 0 <= metrics["cIoU"] <= 100
+
+
+def test_eval_mevis_fixture(trained, tmp_path):
+    folder = tmp_path / "mevis" / "valid_u"
+    os.makedirs(folder)
+    frames = ["0", "1", "2"]
+    a = np.zeros((24, 32), bool)
+    a[:8, :8] = True
+    from test_data import save_jpg
+
+    json.dump({"7": [data.rle_encode(a)] * 3, "8": [None, rle_encode(~a), None]}, open(folder / "mask_dict.json", "w"))
+    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the fish", "anno_id": [7, 8]}}, "frames": frames}}}
+    json.dump(meta, open(folder / "meta_expressions.json", "w"))
+    for f in frames:
+        save_jpg(str(folder / "JPEGImages" / "v" / f"{f}.jpg"))
+    proc = run_eval("--dataset=mevis", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert metrics["N"] == 1 and {"J", "F", "J&F"} <= set(metrics)
+
+
+def test_eval_ytvos_writes_the_submission_zip(trained, tmp_path):
+    from test_data import save_jpg
+
+    root = tmp_path / "ytvos"
+    frames = ["00000", "00005"]
+    os.makedirs(root / "meta_expressions" / "valid")
+    meta = {"videos": {"vid1": {"expressions": {"0": {"exp": "a dog"}, "1": {"exp": "a cat"}}, "frames": frames}}}
+    json.dump(meta, open(root / "meta_expressions" / "valid" / "meta_expressions.json", "w"))
+    for f in frames:
+        save_jpg(str(root / "valid" / "JPEGImages" / "vid1" / f"{f}.jpg"))
+    proc = run_eval("--dataset=ytvos", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(zipfile.ZipFile(tmp_path / "out" / "submission.zip").namelist())
+    assert names == [f"Annotations/vid1/{e}/{f}.png" for e in ("0", "1") for f in frames]
+
+
+def test_eval_without_data_says_what_to_download():
+    proc = run_eval("--dataset=mevis", "--data_root=/nonexistent")
+    assert proc.returncode != 0
+    assert "mask_dict.json" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_visualize_writes_side_by_side_figures(trained, tmp_path):
+    proc = run_eval(f"--ckpt={trained}", "--visualize=1", f"--out_dir={tmp_path}", "--force_seg=True")
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    figure = Image.open(tmp_path / "figure_0.png")
+    assert figure.width > 4 * figure.height  # image, mask, gate, attention, baseline side by side
