@@ -171,7 +171,7 @@ def test_eval_mevis_fixture(trained, tmp_path):
     a[:8, :8] = True
     from test_data import save_jpg
 
-    json.dump({"7": [data.rle_encode(a)] * 3, "8": [None, rle_encode(~a), None]}, open(folder / "mask_dict.json", "w"))
+    json.dump({"7": [data.rle_encode(a)] * 3, "8": [None, data.rle_encode(~a), None]}, open(folder / "mask_dict.json", "w"))
     meta = {"videos": {"v": {"expressions": {"0": {"exp": "the fish", "anno_id": [7, 8]}}, "frames": frames}}}
     json.dump(meta, open(folder / "meta_expressions.json", "w"))
     for f in frames:
