@@ -1,0 +1,256 @@
+"""
+Benchmarks: figures printed (and written to bench_out/<what>.json), never asserted.
+
+  python bench.py table5                 # params / FLOPs per component at sa2va-1b (paper Table 5 layout)
+  python bench.py overhead               # SALMA vs --mba=False wall time, same weights and inputs
+  python bench.py internvl               # our InternVL forward vs transformers' on the same weights
+  python bench.py train                  # training samples/s and peak memory (tiny; --real adds one 1B step)
+  python bench.py video_memory           # host memory over a 200-frame generated video (must stay flat)
+
+CPU fp32 by default; --preset tiny makes every benchmark quick.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import losses
+import salma
+
+
+def median_time(fn, runs, warmup=1):
+    """Median wall time of fn() over runs (after warm-up calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(fn):
+    """FLOPs of one call of fn, counted by torch.utils.flop_counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_rss_gb():
+    """Peak resident memory of this process (GiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def params_m(module):
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def real_inputs(model, tok, text_tokens=64):
+    """One 448 tile + ~text_tokens words for the MLLM, one 1024 frame for SAM-2 (random pixels)."""
+    cfg = model.cfg
+    media = salma.media_placeholder(1, cfg, is_video=False)
+    words = " ".join(["the small red carrot left of the large one"] * (text_tokens // 8))
+    ids, _, text = salma.encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media)
+    return {"ids": ids[None], "text": text[0], "pixels": torch.randn(1, 3, cfg.image_size, cfg.image_size),
+            "sam": torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)}
+
+
+def build(preset, **overrides):
+    torch.manual_seed(0)
+    model, tok = salma.build_salma(salma.Config.from_preset(preset, **overrides))
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def salma_pipeline(model, x):
+    """Everything one referring-segmentation forward does (teacher-forced answer), as a closure."""
+    def run():
+        out = model.mllm(x["ids"], x["pixels"], output_hidden_states=True)
+        seg = (x["ids"][0] == model.token_ids[salma.SEG]).nonzero().flatten()
+        z_seg = model.text_hidden_fcs(out["hidden_states"][-1][0, seg])
+        enc = model.grounding.encode_image(x["sam"])
+        hidden = [h if h is not None else None for h in model.hidden_for_mba(out["hidden_states"])]
+        feats = model.refine(enc["image_embed"], enc["high_res_feats"], hidden, x["text"][None])
+        return model.grounding.decode(feats, enc["high_res_feats"], z_seg[:1])
+    return run
+
+
+@torch.inference_mode()
+def bench_table5(args):
+    """Params and FLOPs per component, Table 5 layout."""
+    model, tok = build(args.preset)
+    x = real_inputs(model, tok)
+    mllm, g = model.mllm, model.grounding
+    vit_tokens = lambda: mllm.vision_model.forward_features(x["pixels"])
+    vit_out = vit_tokens()[:, 1:]
+    side = int(vit_out.shape[1] ** 0.5)
+    shuffled = salma.pixel_shuffle(vit_out.reshape(1, side, side, -1), model.cfg.downsample_ratio).reshape(1, -1, vit_out.shape[-1] * 4)
+    out = mllm(x["ids"], x["pixels"], output_hidden_states=True)
+    enc = g.encode_image(x["sam"])
+    z = torch.randn(1, g.width)
+    hidden = model.hidden_for_mba(out["hidden_states"])
+    text = x["text"][None]
+    prepass_and_mba = lambda: model.refine(enc["image_embed"], enc["high_res_feats"], hidden, text)
+    decoder = g.sam2_model.sam_mask_decoder
+    rows = [
+        ("Vision Encoder (InternViT)", params_m(mllm.vision_model), flops(vit_tokens)),
+        ("SAM-2 Image Encoder (Hiera)", params_m(g.sam2_model.image_encoder), flops(lambda: g.encode_image(x["sam"]))),
+        ("Visual Projector (mlp1)", params_m(mllm.mlp1), flops(lambda: mllm.mlp1(shuffled))),
+        ("LLM (Qwen2)", params_m(mllm.language_model), flops(lambda: mllm(x["ids"], x["pixels"])) - flops(vit_tokens)),
+        ("SAM-2 Mask Decoder (final decode)", params_m(decoder) + params_m(g.sam2_model.sam_prompt_encoder),
+         flops(lambda: g.decode(enc["image_embed"], enc["high_res_feats"], z))),
+        ("SALMA Pre-Pass (Gating + Decoder) + MBA", params_m(model.mba), flops(prepass_and_mba)),
+    ]
+    total = sum(r[2] for r in rows[:-1])
+    print(f"{'Component':42s} {'Params (M)':>11s} {'FLOPs (G)':>11s}   ({args.preset}, 1 tile + {x['ids'].shape[1]} tokens, SAM-2 at {model.cfg.sam_image_size})")
+    for name, p, f in rows:
+        print(f"{name:42s} {p:11.1f} {f / 1e9:11.2f}")
+    print(f"SALMA-specific FLOPs / Sa2VA forward: {100 * rows[-1][2] / total:.3f}%  (params of MBA: {params_m(model.mba):.2f} M;"
+          " the pre-pass reuses the decoder's weights)")
+    return {name: {"params_m": p, "gflops": f / 1e9} for name, p, f in rows}
+
+
+@torch.inference_mode()
+def bench_overhead(args):
+    """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all."""
+    results = {}
+    base_model, tok = build(args.preset, mba=False)
+    x = real_inputs(base_model, tok)
+    base_time = median_time(salma_pipeline(base_model, x), args.runs)
+    base_flops = flops(salma_pipeline(base_model, x))
+    print(f"baseline (mba=False): {base_time:.3f} s, {base_flops / 1e9:.1f} GFLOPs")
+    for layers in ("last", "all"):
+        model, _ = build(args.preset, mba=True, mba_layers=layers)
+        model.load_state_dict(base_model.state_dict(), strict=False)  # the same weights; MBA blocks extra
+        t = median_time(salma_pipeline(model, x), args.runs)
+        f = flops(salma_pipeline(model, x))
+        print(f"SALMA mba_layers={layers}: {t:.3f} s ({100 * (t / base_time - 1):+.2f}% wall), "
+              f"{f / 1e9:.1f} GFLOPs ({100 * (f / base_flops - 1):+.3f}% FLOPs)")
+        results[layers] = {"seconds": t, "wall_overhead_pct": 100 * (t / base_time - 1), "flops_overhead_pct": 100 * (f / base_flops - 1)}
+    results["baseline_seconds"] = base_time
+    return results
+
+
+@torch.inference_mode()
+def bench_internvl(args):
+    """Our InternVL forward vs transformers' InternVLForConditionalGeneration on the same weights."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from test_model import hf_qwen2_config, to_hf_internvl
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    torch.manual_seed(0)
+    tok, cfg, ids = salma.prepare_tokenizer(salma.Config.from_preset(args.preset if args.preset != "sa2va-1b" else "internvl2_5-1b"))
+    ours = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
+    vision = InternVLVisionConfig(
+        hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_depth, num_attention_heads=cfg.vit_heads,
+        intermediate_size=int(cfg.vit_width * cfg.vit_mlp_ratio), image_size=[cfg.image_size] * 2,
+        patch_size=[cfg.patch_size] * 2, use_qk_norm=False, use_mean_pooling=True, layer_scale_init_value=cfg.vit_ls_init,
+        attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6)
+    hf_cfg = InternVLConfig(vision_config=vision, text_config=hf_qwen2_config(cfg), downsample_ratio=cfg.downsample_ratio,
+                            image_token_id=ours.img_context_id, projector_hidden_act="gelu", tie_word_embeddings=False)
+    hf_cfg.text_config._attn_implementation = hf_cfg.vision_config._attn_implementation = "sdpa"
+    theirs = InternVLForConditionalGeneration(hf_cfg).eval()
+    theirs.load_state_dict(to_hf_internvl(ours), strict=False)
+    media = salma.media_placeholder(1, cfg, is_video=False)
+    input_ids, _, _ = salma.encode_turns(tok, [("<image>\n" + "the small red carrot " * 16, None)], "", media)
+    input_ids, pixels = input_ids[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    diff = (ours(input_ids, pixels)["logits"] - theirs(input_ids=input_ids, pixel_values=pixels).logits).abs().max().item()
+    t_ours = median_time(lambda: ours(input_ids, pixels), args.runs)
+    t_theirs = median_time(lambda: theirs(input_ids=input_ids, pixel_values=pixels), args.runs)
+    print(f"InternVL forward ({cfg.vit_depth}-layer ViT, {cfg.llm_layers}-layer LLM, {input_ids.shape[1]} tokens, fp32 CPU, "
+          f"median of {args.runs}): ours {t_ours:.3f} s, transformers {t_theirs:.3f} s, ratio {t_ours / t_theirs:.3f}, "
+          f"max |logit diff| {diff:.2e}")
+    return {"ours_s": t_ours, "transformers_s": t_theirs, "ratio": t_ours / t_theirs, "max_abs_diff": diff}
+
+
+def bench_train(args):
+    """Training samples/s and peak host memory: tiny preset on generated data (+ one real step with --real)."""
+    results = {}
+    runs = [("tiny", 2)] + ([("sa2va-1b", 1)] if args.real else [])
+    for preset, batch_size in runs:
+        model, tok = build(preset)
+        salma.set_trainable(model, "sa2va" if preset != "tiny" else "full")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        dataset = data.SyntheticRefDataset(1000, seed=0)
+        steps = args.runs if preset == "tiny" else 1
+        start, seen = None, 0
+        for step in range(steps + 1):
+            samples = [dataset[step * batch_size + i] for i in range(batch_size)]
+            batch = salma.make_train_batch(samples, tok, model.cfg, list(range(batch_size)))
+            out = model(batch, ramp=1.0)
+            loss, _ = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                start = time.perf_counter()  # the first step warms up
+            else:
+                seen += batch_size
+        rate = seen / (time.perf_counter() - start)
+        print(f"train {preset}: {rate:.2f} samples/s (batch {batch_size}, fp32 CPU), peak RSS {peak_rss_gb():.2f} GiB")
+        results[preset] = {"samples_per_s": rate, "peak_rss_gib": peak_rss_gb()}
+    return results
+
+
+@torch.inference_mode()
+def bench_video_memory(args):
+    """Host memory while segmenting a 200-frame generated video one frame at a time (should stay flat)."""
+    model, tok = build("tiny")
+    sample = data.SyntheticRefDataset(1, seed=0, video_fraction=1.0)[0]
+    frames = [sample["frames"][t % len(sample["frames"])] for t in range(200)]  # 200 frames, inputs shared
+    rss, start = {}, time.perf_counter()
+    for t, _ in enumerate(salma.segment_video(model, frames.__getitem__, len(frames), sample["exprs"][0], tok, force_seg=True)):
+        if t + 1 in (10, 50, 100, 200):
+            rss[t + 1] = current_rss_gb()
+    fps = len(frames) / (time.perf_counter() - start)
+    print("video (tiny, 200 frames): RSS after frame " + ", ".join(f"{k}: {v:.3f} GiB" for k, v in rss.items())
+          + f"; growth 10->200: {1024 * (rss[200] - rss[10]):.1f} MiB; {fps:.1f} frames/s")
+    return {"rss_gib_by_frame": rss, "frames_per_s": fps}
+
+
+def current_rss_gb():
+    """Current resident memory of this process (GiB), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+BENCHES = {"table5": bench_table5, "overhead": bench_overhead, "internvl": bench_internvl,
+           "train": bench_train, "video_memory": bench_video_memory}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("--preset", default="sa2va-1b", choices=sorted(salma.PRESETS), help="model size (default sa2va-1b)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs (median) / training steps")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--real", action="store_true", help="train: also one step of the sa2va-1b preset")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = BENCHES[args.what](args)
+    os.makedirs("bench_out", exist_ok=True)
+    name = args.what if args.what in ("train", "video_memory") else f"{args.what}_{args.preset}"
+    path = os.path.join("bench_out", f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "results": results, "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
