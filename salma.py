@@ -718,7 +718,7 @@ class MaskBiasedAttention(nn.Module):
         self.router = TopKRouter(dim, cfg.router_hidden, cfg.topk)
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, cfg.mba_heads, dropout=cfg.mba_dropout, batch_first=True)
-        self.gamma = nn.Parameter(torch.tensor(float(cfg.gamma_init)))
+        self.gamma = nn.Parameter(torch.full((1,), float(cfg.gamma_init)))  # 1-D: FSDP2 shards no scalars
         self.film = nn.Linear(dim, 2 * dim) if cfg.mba_mode == "film" else None  # Table 3 ablation
 
     def forward(self, feats, text, valid, gate, ramp=1.0):

@@ -163,11 +163,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scheduler, sampler, step, configs):
+def full_trainable_weights(model):
+    """The trainable weights, gathered whole when FSDP shards them (every rank must call)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in salma.trainable_state_dict(model).items()}
+
+
+def save_checkpoint(path, weights, optimizer, scheduler, sampler, step, configs):
     """Write ckpt.pt atomically (temp file + rename) and a ckpt.json saying what it is."""
     state = {
-        "model": salma.trainable_state_dict(model),
-        "optimizer": optimizer.state_dict(),
+        "model": weights,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,  # FSDP: sharded, not saved
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "step": step,
@@ -210,9 +216,12 @@ def main(argv=None):
     model_cfg = model.cfg
     dataset = data.build_train_mix(train_cfg.data, train_cfg.data_root, seed=train_cfg.seed)
     sampler = data.DistributedResumableSampler(len(dataset), world_size, rank, seed=train_cfg.seed)
+    ddp_model = wrap_model(model, device, train_cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer, scheduler = make_optimizer(model, train_cfg)
     ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
     step = 0
+    if train_cfg.resume and train_cfg.fsdp:
+        raise SystemExit("train.py: --resume with --fsdp=True is not supported (the optimizer state is sharded and not saved); resume with DDP")
     if train_cfg.resume:
         state = load_checkpoint(ckpt_path)
         salma.load_trainable_state_dict(model, state["model"])
@@ -221,7 +230,6 @@ def main(argv=None):
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
-    ddp_model = wrap_model(model, device, train_cfg.fsdp)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = data.batch_iterator(dataset, sampler, train_cfg.batch_size)
@@ -258,10 +266,11 @@ def main(argv=None):
             if step % train_cfg.log_every == 0 or step == 1:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "lm", "bce", "dice", "tmc", "bound")})
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
-            if not ranks_in_sync(model):  # every rank must call this collective
+            if not train_cfg.fsdp and not ranks_in_sync(model):  # every rank must call this collective
                 raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
+            weights = full_trainable_weights(model)  # a collective under FSDP
             if master:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, sampler, step, configs)
+                save_checkpoint(ckpt_path, weights, None if train_cfg.fsdp else optimizer, scheduler, sampler, step, configs)
     bar.close()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -56,16 +56,20 @@ def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
     assert proc.returncode != 0 and "no checkpoint to resume from" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
+def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_path):
     common = ["--max_steps=2", "--save_every=2", "--batch_size=1", "--mba_dropout=0", "--seed=1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
                    cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)  # raises if ranks diverge
     run_train(*common, "--grad_accum=2", f"--out_dir={tmp_path / 'single'}")
+    subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *common, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)  # FSDP2 on CPU with gloo
     ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     single = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
-    assert ddp.keys() == single.keys()
+    fsdp = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["model"]
+    assert ddp.keys() == single.keys() == fsdp.keys()
     assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 5e-5  # lr is 1e-3: updates are ~1e-3
+    assert max((fsdp[k] - single[k]).abs().max().item() for k in ddp) < 5e-5
     run_train("--max_steps=1", "--save_every=1", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-12",
               f"--out_dir={tmp_path / 'init'}")
     init = torch.load(tmp_path / "init" / "ckpt.pt", weights_only=True)["model"]
