@@ -54,11 +54,11 @@ def params_m(module):
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def real_inputs(model, tok, text_tokens=64):
-    """One 448 tile + ~text_tokens words for the MLLM, one 1024 frame for SAM-2 (random pixels)."""
+def real_inputs(model, tok):
+    """One 448 tile + a short referring question for the MLLM, one frame for SAM-2 (random pixels)."""
     cfg = model.cfg
     media = salma.media_placeholder(1, cfg, is_video=False)
-    words = " ".join(["the small red carrot left of the large one"] * (text_tokens // 8))
+    words = "Please segment the small carrot to the left of the large one in this image."
     ids, _, text = salma.encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media)
     return {"ids": ids[None], "text": text[0], "pixels": torch.randn(1, 3, cfg.image_size, cfg.image_size),
             "sam": torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)}
@@ -148,26 +148,15 @@ def bench_internvl(args):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-    from test_model import hf_qwen2_config, to_hf_internvl
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    from test_model import hf_internvl_reference
 
     torch.manual_seed(0)
     tok, cfg, ids = salma.prepare_tokenizer(salma.Config.from_preset(args.preset if args.preset != "sa2va-1b" else "internvl2_5-1b"))
     ours = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
-    vision = InternVLVisionConfig(
-        hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_depth, num_attention_heads=cfg.vit_heads,
-        intermediate_size=int(cfg.vit_width * cfg.vit_mlp_ratio), image_size=[cfg.image_size] * 2,
-        patch_size=[cfg.patch_size] * 2, use_qk_norm=False, use_mean_pooling=True, layer_scale_init_value=cfg.vit_ls_init,
-        attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6)
-    hf_cfg = InternVLConfig(vision_config=vision, text_config=hf_qwen2_config(cfg), downsample_ratio=cfg.downsample_ratio,
-                            image_token_id=ours.img_context_id, projector_hidden_act="gelu", tie_word_embeddings=False)
-    hf_cfg.text_config._attn_implementation = hf_cfg.vision_config._attn_implementation = "sdpa"
-    theirs = InternVLForConditionalGeneration(hf_cfg).eval()
-    theirs.load_state_dict(to_hf_internvl(ours), strict=False)
-    media = salma.media_placeholder(1, cfg, is_video=False)
-    input_ids, _, _ = salma.encode_turns(tok, [("<image>\n" + "the small red carrot " * 16, None)], "", media)
-    input_ids, pixels = input_ids[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    theirs = hf_internvl_reference(ours)  # transformers' default attention (SDPA) on our weights
+    media = torch.tensor(tok.encode(salma.media_placeholder(1, cfg, is_video=False)).ids)
+    words = torch.randint(0, 256, (64,))  # 64 text tokens around one 448 tile
+    input_ids, pixels = torch.cat([words[:32], media, words[32:]])[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
     diff = (ours(input_ids, pixels)["logits"] - theirs(input_ids=input_ids, pixel_values=pixels).logits).abs().max().item()
     t_ours = median_time(lambda: ours(input_ids, pixels), args.runs)
     t_theirs = median_time(lambda: theirs(input_ids=input_ids, pixel_values=pixels), args.runs)

@@ -395,7 +395,8 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, L, hd)
+        causal = mask is None and x.shape[1] > 1  # mask None: causal, no padding (see Qwen2.forward)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # (B, H, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -440,13 +441,18 @@ class Qwen2(nn.Module):
         """embeds (B, L, D), attention_mask (B, L_past + L) bool -> logits (B, L, V), hidden states."""
         b, n, _ = embeds.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(b, past + n, dtype=torch.bool, device=embeds.device)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, L) skips left padding
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (past == 0 or n == 1):  # plain causal attention: SDPA's fused is_causal path
+            positions = torch.arange(past, past + n, device=embeds.device).expand(b, n)
+            mask = None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(b, past + n, dtype=torch.bool, device=embeds.device)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, L) skips left padding
+            causal = torch.ones(n, past + n, dtype=torch.bool, device=embeds.device).tril(past)
+            mask = (causal[None] & attention_mask[:, None, :])[:, None]  # (B, 1, L, L_past + L)
+            mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows attend everywhere (no NaN)
         cos, sin = rope_cos_sin(positions, self.layers[0].self_attn.head_dim, self.cfg.rope_theta, embeds.dtype)
-        causal = torch.ones(n, past + n, dtype=torch.bool, device=embeds.device).tril(past)
-        mask = (causal[None] & attention_mask[:, None, :])[:, None]  # (B, 1, L, L_past + L)
-        mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows attend everywhere (no NaN)
         x, hidden = embeds, []
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache[i] if cache is not None else None)

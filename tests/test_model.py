@@ -54,7 +54,7 @@ def hf_qwen2_config(cfg):
         vocab_size=cfg.vocab_size, hidden_size=cfg.llm_hidden, num_hidden_layers=cfg.llm_layers,
         num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads,
         intermediate_size=cfg.llm_intermediate, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps,
-        tie_word_embeddings=False, max_position_embeddings=4096, attn_implementation="eager")
+        tie_word_embeddings=False, max_position_embeddings=4096)
 
 
 def test_qwen2_matches_transformers_with_padding():
@@ -101,22 +101,28 @@ def to_hf_internvl(model):
     return out
 
 
-def test_internvl_matches_transformers_on_a_prompt_with_an_image():
+def hf_internvl_reference(model):
+    """transformers' InternVLForConditionalGeneration configured as InternVL2.5, holding model's weights."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    model, tok, cfg = tiny_internvl()
+    cfg = model.cfg
     vision = InternVLVisionConfig(
         hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_depth, num_attention_heads=cfg.vit_heads,
         intermediate_size=int(cfg.vit_width * cfg.vit_mlp_ratio), image_size=[cfg.image_size] * 2,
         patch_size=[cfg.patch_size] * 2, use_qk_norm=False, use_mean_pooling=True,  # no final norm, as InternViT
         layer_scale_init_value=cfg.vit_ls_init, attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6)
     hf_cfg = InternVLConfig(vision_config=vision, text_config=hf_qwen2_config(cfg), downsample_ratio=cfg.downsample_ratio,
-                            image_token_id=model.img_context_id, projector_hidden_act="gelu",
-                            tie_word_embeddings=False)
+                            image_token_id=model.img_context_id, projector_hidden_act="gelu", tie_word_embeddings=False)
     ref = InternVLForConditionalGeneration(hf_cfg).eval()
     missing, unexpected = ref.load_state_dict(to_hf_internvl(model), strict=False)
     assert not unexpected and not [k for k in missing if "pooler" not in k]
+    return ref
+
+
+def test_internvl_matches_transformers_on_a_prompt_with_an_image():
+    model, tok, cfg = tiny_internvl()
+    ref = hf_internvl_reference(model)
     ids, pixels = prompt_with_image(tok, cfg, random_image())
     assert pixels.shape[0] == 3  # 2 tiles + thumbnail
     with torch.no_grad():
