@@ -177,6 +177,13 @@ def load_model(ckpt, preset="tiny", device="cpu", **overrides):
 # runners
 
 
+def peak_host_memory_gib():
+    """Peak resident memory of this process so far (GiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def shard(n, rank, world):
     """This rank's item indices."""
     return list(range(rank, n, world))
@@ -394,7 +401,7 @@ def main(argv=None):
     metrics = summarize(rows, is_video)
     elapsed = time.time() - start
     metrics.update(dataset=args.dataset, split=args.split, ckpt=args.ckpt, mba=model.cfg.mba, items=n,
-                   items_per_s=n / max(elapsed, 1e-9), seconds=elapsed)
+                   items_per_s=n / max(elapsed, 1e-9), seconds=elapsed, peak_host_gib=peak_host_memory_gib())
     if args.dataset == "ytvos":
         metrics["submission"] = zip_submission(args.out_dir)
     with open(os.path.join(args.out_dir, "predictions.jsonl"), "w") as f:
