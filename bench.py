@@ -123,22 +123,34 @@ def bench_table5(args):
 
 @torch.inference_mode()
 def bench_overhead(args):
-    """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all."""
-    results = {}
+    """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all.
+
+    Runs alternate between the variants so that drift of the machine hits all of them alike.
+    """
     base_model, tok = build(args.preset, mba=False)
     x = real_inputs(base_model, tok)
-    base_time = median_time(salma_pipeline(base_model, x), args.runs)
-    base_flops = flops(salma_pipeline(base_model, x))
-    print(f"baseline (mba=False): {base_time:.3f} s, {base_flops / 1e9:.1f} GFLOPs")
+    variants = {"baseline": base_model}
     for layers in ("last", "all"):
         model, _ = build(args.preset, mba=True, mba_layers=layers)
         model.load_state_dict(base_model.state_dict(), strict=False)  # the same weights; MBA blocks extra
-        t = median_time(salma_pipeline(model, x), args.runs)
-        f = flops(salma_pipeline(model, x))
-        print(f"SALMA mba_layers={layers}: {t:.3f} s ({100 * (t / base_time - 1):+.2f}% wall), "
-              f"{f / 1e9:.1f} GFLOPs ({100 * (f / base_flops - 1):+.3f}% FLOPs)")
-        results[layers] = {"seconds": t, "wall_overhead_pct": 100 * (t / base_time - 1), "flops_overhead_pct": 100 * (f / base_flops - 1)}
-    results["baseline_seconds"] = base_time
+        variants[f"mba_layers={layers}"] = model
+    runs = {name: salma_pipeline(model, x) for name, model in variants.items()}
+    for run in runs.values():
+        run()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.runs):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    base_t, base_f = statistics.median(times["baseline"]), flops(runs["baseline"])
+    for name, run in runs.items():
+        t, f = statistics.median(times[name]), flops(run)
+        results[name] = {"seconds": t, "gflops": f / 1e9, "wall_overhead_pct": 100 * (t / base_t - 1),
+                         "flops_overhead_pct": 100 * (f / base_f - 1)}
+        print(f"{name:22s} {t:8.3f} s ({results[name]['wall_overhead_pct']:+6.2f}% wall)  {f / 1e9:9.1f} GFLOPs "
+              f"({results[name]['flops_overhead_pct']:+.3f}% FLOPs)   median of {args.runs}, {args.preset}, fp32 CPU")
     return results
 
 
