@@ -80,7 +80,7 @@ def salma_pipeline(model, x):
         seg = (x["ids"][0] == model.token_ids[salma.SEG]).nonzero().flatten()
         z_seg = model.text_hidden_fcs(out["hidden_states"][-1][0, seg])
         enc = model.grounding.encode_image(x["sam"])
-        hidden = [h if h is not None else None for h in model.hidden_for_mba(out["hidden_states"])]
+        hidden = model.hidden_for_mba(out["hidden_states"])
         feats = model.refine(enc["image_embed"], enc["high_res_feats"], hidden, x["text"][None])
         return model.grounding.decode(feats, enc["high_res_feats"], z_seg[:1])
     return run
@@ -192,7 +192,7 @@ def bench_train(args):
         start, seen = None, 0
         for step in range(steps + 1):
             samples = [dataset[step * batch_size + i] for i in range(batch_size)]
-            batch = salma.make_train_batch(samples, tok, model.cfg, list(range(batch_size)))
+            batch = data.make_train_batch(samples, tok, model.cfg, list(range(batch_size)))
             out = model(batch, ramp=1.0)
             loss, _ = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
             loss.backward()

@@ -935,67 +935,7 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# training batches: samples (data.py's dicts) -> tensors, deterministic per sample seed
-
-SEG_QUESTIONS = [
-    "Can you segment the {} in this image?",
-    "Please segment {} in this image.",
-    "What is {} in this image? Please respond with segmentation mask.",
-    "What is {} in this image? Please output segmentation mask.",
-]
-SEG_ANSWERS = ["It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
-
-
-def sample_turns(sample, rng):
-    """Chat turns of a sample: one question/answer per expression, or its LLaVA conversation."""
-    if sample.get("conversation"):
-        conv = sample["conversation"]
-        return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
-    turns = [(rng.choice(SEG_QUESTIONS).format(expr), rng.choice(SEG_ANSWERS)) for expr in sample["exprs"]]
-    if turns:
-        turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
-    return turns
-
-
-def make_train_batch(samples, tokenizer, cfg, seeds):
-    """Tensors for SALMA.forward from a list of samples (frames, exprs, masks, is_video)."""
-    pad_id = tokenizer.token_to_id("<|endoftext|>")
-    seg_id = tokenizer.token_to_id(SEG)
-    low_res = cfg.sam_image_size // 4
-    ids, labels, pixels, sam_frames = [], [], [], []
-    seg_index, seg_text, pair_seg, pair_frame, pair_masks = [], [], [], [], []
-    for row, (sample, seed) in enumerate(zip(samples, seeds)):
-        rng = random.Random(seed)
-        frames = sample["frames"][: cfg.video_frames] if sample["is_video"] else sample["frames"][:1]
-        tiles = mllm_pixels(frames, cfg, sample["is_video"])
-        media = media_placeholder(tiles.shape[0], cfg, sample["is_video"])
-        row_ids, row_labels, text_masks = encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
-        first_frame = len(sam_frames)
-        sam_frames.extend(frames)
-        positions = (row_ids == seg_id).nonzero().flatten()
-        for k, pos in enumerate(positions.tolist()):  # the k-th [SEG] answers the k-th expression
-            seg_index.append((row, pos))
-            seg_text.append(text_masks[k])
-            for t in range(len(frames)):
-                pair_seg.append(len(seg_index) - 1)
-                pair_frame.append(first_frame + t)
-                pair_masks.append(F.interpolate(sample["masks"][k, t][None, None].float(), size=(low_res, low_res), mode="nearest")[0, 0])
-        ids.append(row_ids)
-        labels.append(row_labels)
-        pixels.append(tiles)
-    length = max(len(x) for x in ids)
-    return {
-        "input_ids": torch.stack([F.pad(x, (0, length - len(x)), value=pad_id) for x in ids]),
-        "labels": torch.stack([F.pad(x, (0, length - len(x)), value=-100) for x in labels]),
-        "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
-        "pixel_values": torch.cat(pixels),
-        "sam_images": sam_pixels(sam_frames, cfg.sam_image_size),
-        "seg_index": torch.tensor(seg_index, dtype=torch.long).reshape(-1, 2),
-        "seg_text": torch.stack([F.pad(m, (0, length - len(m))) for m in seg_text]) if seg_text else torch.zeros(0, length, dtype=torch.bool),
-        "pair_seg": torch.tensor(pair_seg, dtype=torch.long),
-        "pair_frame": torch.tensor(pair_frame, dtype=torch.long),
-        "pair_masks": torch.stack(pair_masks) if pair_masks else torch.zeros(0, low_res, low_res),
-    }
+# moving batches
 
 
 def to_device(batch, device):

@@ -243,7 +243,7 @@ def main(argv=None):
         logs = {}
         for micro in range(train_cfg.grad_accum):
             samples, indices = next(batches)
-            batch = salma.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
+            batch = data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
             batch = salma.to_device(batch, device)
             last = micro == train_cfg.grad_accum - 1
             sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import data
 import losses
 import salma
 
@@ -85,7 +86,7 @@ def test_postprocess_upsamples_to_the_original_size():
 
 
 def test_mba_off_is_the_sa2va_baseline_bit_for_bit():
-    batch = salma.make_train_batch([sample()], salma.prepare_tokenizer(TINY)[0], TINY, [7])
+    batch = data.make_train_batch([sample()], salma.prepare_tokenizer(TINY)[0], TINY, [7])
     salma_model, _ = tiny_model(seed=1, mba=True)
     baseline, _ = tiny_model(seed=1, mba=False)
     baseline.load_state_dict({k: v for k, v in salma_model.state_dict().items() if not k.startswith("mba.")})
@@ -168,7 +169,7 @@ def test_one_step_gives_finite_gradients_to_every_trainable_group(mba_layers):
     salma.set_trainable(model, "full")
     model.train()
     cfg = model.cfg
-    batch = salma.make_train_batch([sample(), sample(video=True)], tok, cfg, [1, 2])
+    batch = data.make_train_batch([sample(), sample(video=True)], tok, cfg, [1, 2])
     assert batch["pair_seg"].tolist() == [0, 1] + [2] * 5 + [3] * 5
     out = model(batch, ramp=1.0)
     loss, logs = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
@@ -251,7 +252,7 @@ def test_sa2va_checkpoint_round_trip_and_errors(tmp_path):
     assert loaded.cfg.mba is False  # the checkpoint's config says what it is
     salma_on_sa2va, _ = salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path), mba=True)
     assert all(b.gamma.item() == 0.0 for b in salma_on_sa2va.mba)  # fresh MBA, residual closed
-    batch = salma.make_train_batch([sample()], tok, model.cfg, [3])
+    batch = data.make_train_batch([sample()], tok, model.cfg, [3])
     with torch.no_grad():
         assert torch.equal(model(batch)["low_res"], loaded(batch)["low_res"])
         assert torch.equal(model(batch)["low_res"], salma_on_sa2va(batch)["low_res"])
