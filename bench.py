@@ -25,16 +25,16 @@ import losses
 import salma
 
 
-def median_time(fn, runs, warmup=1):
-    """Median wall time of fn() over runs (after warm-up calls)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(fns, runs):
+    """Median wall time of each fn over runs, calls interleaved so machine drift hits all alike (after a warm-up)."""
+    times = [[] for _ in fns]
+    for r in range(runs + 1):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            if r > 0:
+                ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def flops(fn):
@@ -135,18 +135,11 @@ def bench_overhead(args):
         model.load_state_dict(base_model.state_dict(), strict=False)  # the same weights; MBA blocks extra
         variants[f"mba_layers={layers}"] = model
     runs = {name: salma_pipeline(model, x) for name, model in variants.items()}
-    for run in runs.values():
-        run()  # warm-up
-    times = {name: [] for name in runs}
-    for _ in range(args.runs):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    times = dict(zip(runs, interleaved_medians(list(runs.values()), args.runs)))
     results = {}
-    base_t, base_f = statistics.median(times["baseline"]), flops(runs["baseline"])
+    base_t, base_f = times["baseline"], flops(runs["baseline"])
     for name, run in runs.items():
-        t, f = statistics.median(times[name]), flops(run)
+        t, f = times[name], flops(run)
         results[name] = {"seconds": t, "gflops": f / 1e9, "wall_overhead_pct": 100 * (t / base_t - 1),
                          "flops_overhead_pct": 100 * (f / base_f - 1)}
         print(f"{name:22s} {t:8.3f} s ({results[name]['wall_overhead_pct']:+6.2f}% wall)  {f / 1e9:9.1f} GFLOPs "
@@ -170,8 +163,8 @@ def bench_internvl(args):
     words = torch.randint(0, 256, (64,))  # 64 text tokens around one 448 tile
     input_ids, pixels = torch.cat([words[:32], media, words[32:]])[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
     diff = (ours(input_ids, pixels)["logits"] - theirs(input_ids=input_ids, pixel_values=pixels).logits).abs().max().item()
-    t_ours = median_time(lambda: ours(input_ids, pixels), args.runs)
-    t_theirs = median_time(lambda: theirs(input_ids=input_ids, pixel_values=pixels), args.runs)
+    t_ours, t_theirs = interleaved_medians([lambda: ours(input_ids, pixels),
+                                            lambda: theirs(input_ids=input_ids, pixel_values=pixels)], args.runs)
     print(f"InternVL forward ({cfg.vit_depth}-layer ViT, {cfg.llm_layers}-layer LLM, {input_ids.shape[1]} tokens, fp32 CPU, "
           f"median of {args.runs}): ours {t_ours:.3f} s, transformers {t_theirs:.3f} s, ratio {t_ours / t_theirs:.3f}, "
           f"max |logit diff| {diff:.2e}")
