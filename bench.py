@@ -16,6 +16,7 @@ import os
 import resource
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -121,20 +122,27 @@ def bench_table5(args):
     return {name: {"params_m": p, "gflops": f / 1e9} for name, p, f in rows}
 
 
+def with_mba(model, layers, blocks, fn):
+    """fn run with the model switched to the baseline (layers None) or to MBA on these LLM layers."""
+    def run():
+        model.cfg = replace(model.cfg, mba=layers is not None)
+        if layers is not None:
+            model.mba_layers, model.mba = salma.resolve_mba_layers(layers, model.cfg.llm_layers), blocks[layers]
+        return fn()
+    return run
+
+
 @torch.inference_mode()
 def bench_overhead(args):
     """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all.
 
     Runs alternate between the variants so that drift of the machine hits all of them alike.
     """
-    base_model, tok = build(args.preset, mba=False)
-    x = real_inputs(base_model, tok)
-    variants = {"baseline": base_model}
-    for layers in ("last", "all"):
-        model, _ = build(args.preset, mba=True, mba_layers=layers)
-        model.load_state_dict(base_model.state_dict(), strict=False)  # the same weights; MBA blocks extra
-        variants[f"mba_layers={layers}"] = model
-    runs = {name: salma_pipeline(model, x) for name, model in variants.items()}
+    model, tok = build(args.preset, mba=True, mba_layers="all")  # one model in memory, variants switched below
+    x = real_inputs(model, tok)
+    blocks = {"last": torch.nn.ModuleList([model.mba[-1]]), "all": model.mba}
+    runs = {name: with_mba(model, layers, blocks, salma_pipeline(model, x))
+            for name, layers in (("baseline", None), ("mba_layers=last", "last"), ("mba_layers=all", "all"))}
     times = dict(zip(runs, interleaved_medians(list(runs.values()), args.runs)))
     results = {}
     base_t, base_f = times["baseline"], flops(runs["baseline"])
