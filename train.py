@@ -295,4 +295,7 @@ def export(train_cfg, preset, overrides):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad paths, flags, checkpoints or data: one line, no traceback
+        raise SystemExit(f"train.py: {e}") from None
