@@ -628,56 +628,58 @@ class SAM2Grounding(nn.Module):
         return {"image_embed": image_embed, "high_res_feats": maps[:-1], "vision_feats": vision_feats,
                 "vision_pos": vision_pos, "feat_sizes": feat_sizes}
 
-    def decode(self, image_embed, high_res_feats, seg_embed=None):
-        """Best-IoU low-res mask logits (B, 1, 4h, 4w): Sa2VA's image-path decoder call.
+    def decode_heads(self, image_embed, high_res_feats, seg_embed=None):
+        """Sa2VA's decoder call; returns low_res (B, 1, 4h, 4w) best-IoU logits, token (B, C), object_score (B, 1).
 
         Prompt: the point (0, 0) with label -1 ("not a point", padded to two sparse tokens), no box,
         no mask (dense no_mask_embed), plus seg_embed (B, C) as a third sparse token when given.
+        multimask_output=True and the mask with the highest predicted IoU is kept. As in Sa2VA's copy
+        of SAM-2's heads, masks are never overwritten where the object score says "no object".
         """
         sam, b = self.sam2_model, image_embed.shape[0]
         points = (image_embed.new_zeros(b, 1, 2), -torch.ones(b, 1, dtype=torch.int32, device=image_embed.device))
         sparse, dense = sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
         if seg_embed is not None:
             sparse = torch.cat([sparse, seg_embed[:, None].to(sparse.dtype)], dim=1)  # (B, 3, C)
-        masks, iou, _, _ = sam.sam_mask_decoder(
+        masks, iou, tokens, object_score = sam.sam_mask_decoder(
             image_embeddings=image_embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-            repeat_image=False, high_res_features=high_res_feats)  # (B, 3, 4h, 4w), (B, 3)
-        best = iou.argmax(dim=1)
-        return masks[torch.arange(b, device=masks.device), best][:, None]
+            repeat_image=False, high_res_features=high_res_feats)  # (B, 3, 4h, 4w), (B, 3), (B, 3, C), (B, 1)
+        rows, best = torch.arange(b, device=masks.device), iou.argmax(dim=1)
+        token = tokens[rows, best] if tokens.shape[1] > 1 else tokens[:, 0]  # one token unless SAM-2 keeps all
+        return {"low_res": masks[rows, best][:, None], "token": token, "object_score": object_score}
 
-    def decode_tracked(self, image_embed, high_res_feats, seg_embed=None):
-        """SAM-2's own video head call (object pointer, occlusion score), [SEG] appended when given."""
+    def decode(self, image_embed, high_res_feats, seg_embed=None):
+        """Best-IoU low-res mask logits (B, 1, 4h, 4w) of decode_heads: Sa2VA's image path."""
+        return self.decode_heads(image_embed, high_res_feats, seg_embed)["low_res"]
+
+    def object_pointer(self, heads):
+        """SAM-2's object pointer (B, C) from the decoder's output token; no_obj_ptr where no object is seen."""
         sam = self.sam2_model
-        with extra_sparse_token(sam.sam_prompt_encoder, seg_embed):
-            return sam._forward_sam_heads(
-                backbone_features=image_embed, point_inputs=None, mask_inputs=None,
-                high_res_features=high_res_feats, multimask_output=sam._use_multimask(True, None))
+        pointer = sam.obj_ptr_proj(heads["token"])
+        if sam.pred_obj_scores:
+            score = heads["object_score"]
+            appearing = score.sigmoid() if sam.soft_no_obj_ptr else (score > 0).to(pointer.dtype)  # (B, 1)
+            if sam.fixed_no_obj_ptr:
+                pointer = appearing * pointer
+            pointer = pointer + (1 - appearing) * sam.no_obj_ptr
+        return pointer
+
+    def new_memory(self, enc, heads, is_cond):
+        """Memory-bank entry of one frame: SAM-2's memory encoder on its best mask, plus its object pointer."""
+        sam = self.sam2_model
+        size = (sam.image_size, sam.image_size)
+        masks = F.interpolate(heads["low_res"].float(), size=size, mode="bilinear", align_corners=False)
+        feats, pos = sam._encode_new_memory(
+            current_vision_feats=enc["vision_feats"], feat_sizes=enc["feat_sizes"], pred_masks_high_res=masks,
+            object_score_logits=heads["object_score"], is_mask_from_pts=is_cond)
+        return {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": self.object_pointer(heads)}
 
     @staticmethod
     def postprocess(low_res_logits, size, orig_hw):
         """Low-res logits (B, 1, h, w) -> bilinear to S x S -> bilinear to orig_hw; > 0 is the mask."""
         x = F.interpolate(low_res_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
         return F.interpolate(x, size=orig_hw, mode="bilinear", align_corners=False)
-
-
-class extra_sparse_token:
-    """Context: SAM-2's prompt encoder appends token (B, C) to its sparse embeddings (Sa2VA's [SEG])."""
-
-    def __init__(self, prompt_encoder, token):
-        self.prompt_encoder, self.token, self.handle = prompt_encoder, token, None
-
-    def append(self, module, args, output):
-        sparse, dense = output
-        return torch.cat([sparse, self.token[:, None].to(sparse.dtype)], dim=1), dense
-
-    def __enter__(self):
-        if self.token is not None:
-            self.handle = self.prompt_encoder.register_forward_hook(self.append)
-
-    def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,15 +777,17 @@ class SALMA(nn.Module):
         self.mba_layers = resolve_mba_layers(cfg.mba_layers, cfg.llm_layers)
         self.mba = nn.ModuleList(MaskBiasedAttention(cfg, d) for _ in self.mba_layers) if cfg.mba else nn.ModuleList()
 
-    def refine(self, image_embed, high_res_feats, hidden, text_valid, ramp=1.0, maps=None):
+    def refine(self, image_embed, high_res_feats, hidden, text_valid, ramp=1.0, maps=None, prior_embed=None):
         """SALMA's step between encoder and decoder: gate from the pre-pass, then each MBA block.
 
-        image_embed (P, C, h, w); hidden: per LLM layer (P, L, D); text_valid (P, L). With mba=False
-        F_v is returned as it is (the Sa2VA baseline).
+        image_embed (P, C, h, w); hidden: per LLM layer (P, L, D); text_valid (P, L). The pre-pass
+        reads prior_embed (default image_embed; a tracked video frame passes its F_v without memory).
+        With mba=False F_v is returned as it is (the Sa2VA baseline).
         """
         if not self.cfg.mba:
             return image_embed
-        gate = prior_gate(self.grounding, image_embed, high_res_feats, self.cfg.tau_gate)  # (P, 1, h, w)
+        prior = image_embed if prior_embed is None else prior_embed
+        gate = prior_gate(self.grounding, prior, high_res_feats, self.cfg.tau_gate)  # (P, 1, h, w)
         feats = image_embed
         for layer, block in zip(self.mba_layers, self.mba):
             text = self.text_hidden_fcs(hidden[layer])  # F_t (P, L, C)
@@ -908,7 +912,7 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
         return
     z_seg, hidden, valid = z_seg[:1], [h[:1] if h is not None else None for h in hidden], valid[:1]
     memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    keep = max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)  # older memories are never read again
+    keep = max(sam.num_maskmem * sam.memory_temporal_stride_for_eval, sam.max_obj_ptrs_in_encoder)
     for t in range(num_frames):
         frame = load_frame(t)
         enc = model.grounding.encode_image(sam_pixels([frame], cfg.sam_image_size).to(model.device, z_seg.dtype))
@@ -919,17 +923,13 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
             pix = sam._prepare_memory_conditioned_features(
                 frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
                 current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
-                output_dict=memory, num_frames=num_frames)
-        feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None)
-        heads = model.grounding.decode_tracked(feats, enc["high_res_feats"], z_seg if is_cond else None)
-        _, _, _, low_res, high_res_masks, obj_ptr, object_score_logits = heads
-        mem_feats, mem_pos = sam._encode_new_memory(
-            current_vision_feats=enc["vision_feats"], feat_sizes=enc["feat_sizes"],
-            pred_masks_high_res=high_res_masks, object_score_logits=object_score_logits, is_mask_from_pts=is_cond)
-        entry = {"maskmem_features": mem_feats, "maskmem_pos_enc": mem_pos, "obj_ptr": obj_ptr,
-                 "object_score_logits": object_score_logits}
-        memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = entry
-        memory["non_cond_frame_outputs"].pop(t - keep, None)
+                output_dict=memory, num_frames=num_frames)  # (1, C, h, w) fused with the memory bank
+        feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None,
+                             prior_embed=enc["image_embed"])  # DESIGN 4: the pre-pass sees no memory
+        heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
+        memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
+        memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
+        low_res = heads["low_res"]
         w, h = frame.size
         yield SAM2Grounding.postprocess(low_res, cfg.sam_image_size, (h, w))[0, 0] > 0
 

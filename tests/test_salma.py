@@ -226,6 +226,80 @@ def test_video_memory_is_used_and_stays_bounded():
     assert not torch.allclose(logits[per_run - 1], logits[-1])
 
 
+class append_sparse_token:
+    """Context: sam2's prompt encoder appends token (B, C) to its sparse output (Sa2VA's [SEG] prompt)."""
+
+    def __init__(self, prompt_encoder, token):
+        self.prompt_encoder, self.token = prompt_encoder, token
+
+    def __enter__(self):
+        self.handle = self.prompt_encoder.register_forward_hook(
+            lambda m, args, out: (torch.cat([out[0], self.token[:, None]], 1), out[1]))
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def sam2_track_step_reference(model, frames, z_seg):
+    """Low-res logits per frame from sam2's own SAM2Base.track_step loop, [SEG] on conditioning frames."""
+    sam, bank, outs = model.grounding.sam2_model, {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}, []
+    no_point = {"point_coords": torch.zeros(1, 1, 2), "point_labels": -torch.ones(1, 1, dtype=torch.int32)}
+    for t, frame in enumerate(frames):
+        _, feats, pos, sizes = sam._prepare_backbone_features(sam.forward_image(salma.sam_pixels([frame], 256)))
+        is_cond = t < model.cfg.num_cond_frames
+        with append_sparse_token(sam.sam_prompt_encoder, z_seg) if is_cond else torch.no_grad():
+            out = sam.track_step(t, is_cond, feats, pos, sizes, no_point if is_cond else None, None, bank, len(frames))
+        bank["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = out
+        outs.append(out["pred_masks"])
+    return outs
+
+
+def tracked_logits(model, tok, frames):
+    """segment_video's low-res logits per frame, and the [SEG] embedding it prompted with."""
+    logits, decode_heads = [], model.grounding.decode_heads
+
+    def spy(*args):
+        heads = decode_heads(*args)
+        logits.append(heads["low_res"])
+        return heads
+
+    model.grounding.decode_heads = spy
+    list(salma.segment_video(model, frames.__getitem__, len(frames), "the red square", tok, force_seg=True))
+    del model.grounding.decode_heads
+    z_seg = model.answer(frames[: model.cfg.video_frames], "the red square", tok, is_video=True, force_seg=True)[1]
+    return logits, z_seg[:1]
+
+
+@pytest.mark.parametrize("object_score", [20.0, -20.0])
+@torch.no_grad()
+def test_video_tracking_equals_sam2_track_step_without_its_no_object_overwrite(object_score):
+    model, tok = tiny_model(mba=False)
+    model.grounding.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(object_score)
+    frames = [scene(shift=2 * t)[0] for t in range(8)]
+    ours, z_seg = tracked_logits(model, tok, frames)
+    reference = sam2_track_step_reference(model, frames, z_seg)
+    assert len(ours) == len(reference) == 8
+    if object_score > 0:  # object seen: sam2 keeps its masks, and every frame matches
+        for t, (a, b) in enumerate(zip(ours, reference)):
+            assert (a - b).abs().max() < 1e-4, t
+    else:  # Sa2VA's heads never overwrite masks with SAM-2's no-object score (-1024); sam2's do
+        assert all((b == -1024).all() for b in reference)
+        assert all(a.abs().max() < 100 for a in ours)
+
+
+@torch.no_grad()
+def test_video_pre_pass_reads_each_frame_without_memory(monkeypatch):
+    model, tok = tiny_model()
+    frames = [scene(shift=2 * t)[0] for t in range(8)]
+    seen, prior_gate = [], salma.prior_gate
+    monkeypatch.setattr(salma, "prior_gate", lambda g, embed, *a: seen.append(embed) or prior_gate(g, embed, *a))
+    list(salma.segment_video(model, frames.__getitem__, len(frames), "the red square", tok, force_seg=True))
+    assert len(seen) == len(frames)
+    for frame, embed in zip(frames, seen):
+        expected = model.grounding.encode_image(salma.sam_pixels([frame], 256))["image_embed"]
+        assert torch.allclose(embed, expected, atol=1e-6)
+
+
 def test_sam2_checkpoint_loads_and_a_wrong_key_is_named(tmp_path):
     model, _ = tiny_model(seed=0)
     other, _ = tiny_model(seed=1)
