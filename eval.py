@@ -379,6 +379,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     model.eval()
+    if device.type == "cpu":
+        salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)
     n = min(len(dataset), args.limit) if args.limit else len(dataset)
     if args.visualize:

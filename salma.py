@@ -505,6 +505,38 @@ def merge_lora(llm):
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU inference: nn.Linear weights pre-packed by oneDNN
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear that, for fp32 CPU inference, multiplies by a oneDNN pre-packed copy of its weight.
+
+    Same math as F.linear (only the summation order differs, ~1e-6 relative) and 1.2-1.8x faster
+    on CPU: no repacking of the weight per call. With grad enabled, off the CPU or in another
+    dtype it is a plain nn.Linear. The packed copy is a snapshot: pack again after changing weights.
+    """
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def pack_linears_for_cpu(model):
+    """Turn every fp32 CPU nn.Linear of model into a PackedLinear (in place; state_dict unchanged).
+
+    For inference only (eval.py and bench.py call it on CPU); costs one more copy of those weights.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            module.__class__ = PackedLinear
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # InternVL: image tokens spliced into the LLM's input embeddings
 
 

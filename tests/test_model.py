@@ -274,3 +274,24 @@ def test_lora_starts_as_identity_and_trains_only_adapters():
     trainable = {n for n, p in model.language_model.layers.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "norm" in n for n in trainable)
     assert not any("base" in n for n in trainable)
+
+
+def test_packed_linears_match_transformers_and_fall_back_with_grad():
+    model, tok, cfg = tiny_internvl()
+    ref = hf_internvl_reference(model)
+    keys = set(model.state_dict())
+    salma.pack_linears_for_cpu(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, salma.PackedLinear) for m in linears)
+    assert set(model.state_dict()) == keys  # same checkpoint names
+    ids, pixels = prompt_with_image(tok, cfg, random_image())
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, pixel_values=pixels).logits
+        assert (model(ids, pixels)["logits"] - theirs).abs().max() < 1e-4
+        head = model.language_model.lm_head
+        head.weight.zero_()  # the packed copy is what inference multiplies by
+        assert (model(ids, pixels)["logits"] - theirs).abs().max() < 1e-4
+    logits = model(ids, pixels)["logits"]  # grad enabled: the plain nn.Linear path, with the zeroed head
+    assert logits.abs().max() == 0
+    logits.sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
