@@ -1081,6 +1081,8 @@ def official_state_dict(model):
     prefix = "mllm." if isinstance(model, InternVL) else ""  # a bare InternVL is SALMA's .mllm
     sd = {}
     for key, value in model.state_dict().items():
+        if prefix + key == HEAD_KEY and model.cfg.tie_word_embeddings:
+            continue  # tied: the embedding is saved once, as the official checkpoints do
         name = rename_key(prefix + key, to_ours=False)
         if name is None:
             raise ValueError(f"no official name for {key}; merge LoRA before exporting")
@@ -1134,14 +1136,32 @@ def load_internvl(model_dir, dtype=None, device="cpu"):
     return model.to(device, dtype or default_dtype(device)).eval(), tok
 
 
+EMBED_KEY, HEAD_KEY = "mllm.language_model.embed_tokens.weight", "mllm.language_model.lm_head.weight"
+
+
 def finish_load(model, ours, source, allowed_missing=(), prefix=""):
-    """Check names (ours = SALMA names, model's own names + prefix) and shapes, then load with assign=True."""
+    """Check names (ours = SALMA names, model's own names + prefix) and shapes, then load with assign=True.
+
+    An embedding / lm_head with fewer rows than the tokenizer needs (InternVL2.5, before [SEG] and
+    Sa2VA's tokens are added) grows: each new row starts as the mean of the existing rows. A tied
+    lm_head (config.json's tie_word_embeddings) is not in the checkpoint and is tied again after loading.
+    """
+    llm = (model if isinstance(model, InternVL) else model.mllm).language_model
     expected = {prefix + k: v for k, v in model.state_dict().items()}
+    if llm.cfg.tie_word_embeddings:
+        del expected[HEAD_KEY]
     check_keys(expected, ours, source, allowed_missing, official=True)
+    for key in (EMBED_KEY, HEAD_KEY):
+        rows = expected[key].shape[0] if key in expected else 0
+        if key in ours and ours[key].shape[0] < rows:
+            weight = ours[key]
+            ours[key] = torch.cat([weight, weight.mean(0, keepdim=True).expand(rows - weight.shape[0], -1)])
     for k, v in ours.items():
         if v.shape != expected[k].shape:
             raise ValueError(f"{source}: {rename_key(k, to_ours=False)} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
     model.load_state_dict({k.removeprefix(prefix): v for k, v in ours.items()}, strict=False, assign=True)
+    if llm.cfg.tie_word_embeddings:
+        llm.lm_head.weight = llm.embed_tokens.weight
 
 
 def build_salma(cfg, init="", sam2_ckpt="", device="cpu", **overrides):

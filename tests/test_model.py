@@ -178,6 +178,50 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert torch.equal(loaded.mlp1[3].weight, model.mlp1[3].weight)
 
 
+def test_internvl_checkpoint_without_sa2va_tokens_grows_the_vocabulary(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tok, cfg = tiny_internvl()
+    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    n_new = len(salma.SA2VA_TOKENS)  # the tiny tokenizer adds them last: drop them as InternVL2.5 has none
+    old = cfg.vocab_size - n_new
+    sd = load_file(tmp_path / "model.safetensors")
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        sd[key] = sd[key][:old].clone()
+    save_file(sd, tmp_path / "model.safetensors")
+    for name, edit in (("config.json", lambda c: c["llm_config"].update(vocab_size=old)),
+                       ("tokenizer.json", lambda t: t.update(added_tokens=[a for a in t["added_tokens"] if a["content"] not in salma.SA2VA_TOKENS]))):
+        content = json.load(open(tmp_path / name))
+        edit(content)
+        json.dump(content, open(tmp_path / name, "w"))
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(salma.SEG) is None
+
+    loaded, tok2 = salma.load_internvl(str(tmp_path))
+    assert tok2.token_to_id(salma.SEG) == tok.token_to_id(salma.SEG) == old
+    for key in ("embed_tokens", "lm_head"):
+        weight, original = getattr(loaded.language_model, key).weight, getattr(model.language_model, key).weight
+        assert weight.shape[0] == cfg.vocab_size and torch.equal(weight[:old], original[:old])
+        assert torch.allclose(weight[old:], original[:old].mean(0).expand(n_new, -1))
+    ids, pixels = prompt_with_image(tok2, cfg, random_image())
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixels)["logits"][..., :old], loaded(ids, pixels)["logits"][..., :old])
+
+
+def test_tied_lm_head_is_saved_once_and_tied_again_on_load(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    tok, cfg, ids = salma.prepare_tokenizer(salma.Config.from_preset("tiny", tie_word_embeddings=True))
+    model = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
+    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    assert "language_model.lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    loaded, _ = salma.load_internvl(str(tmp_path))
+    assert loaded.language_model.lm_head.weight is loaded.language_model.embed_tokens.weight
+    prompt, pixels = prompt_with_image(tok, cfg, random_image())
+    with torch.no_grad():
+        assert torch.equal(model(prompt, pixels)["logits"], loaded(prompt, pixels)["logits"])
+
+
 def test_missing_directory_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         salma.load_internvl(str(tmp_path / "nope"))
