@@ -27,8 +27,8 @@ import losses
 import salma
 
 
-def interleaved_medians(fns, runs):
-    """Median wall time of each fn over runs, calls interleaved so machine drift hits all alike (after a warm-up)."""
+def interleaved_times(fns, runs):
+    """Wall times [per fn][per run] over runs, calls interleaved so machine drift hits all alike (after a warm-up)."""
     times = [[] for _ in fns]
     for r in range(runs + 1):
         for fn, ts in zip(fns, times):
@@ -36,7 +36,12 @@ def interleaved_medians(fns, runs):
             fn()
             if r > 0:
                 ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def interleaved_medians(fns, runs):
+    """Median wall time of each fn over interleaved runs."""
+    return [statistics.median(ts) for ts in interleaved_times(fns, runs)]
 
 
 def flops(fn):
@@ -133,6 +138,20 @@ def with_mba(model, layers, blocks, fn):
     return run
 
 
+def salma_step_times(model, x, blocks, runs):
+    """Median wall time of SALMA's step alone (pre-pass gate + MBA blocks) for each mba_layers variant."""
+    out = model.mllm(x["ids"], x["pixels"], output_hidden_states=True)
+    enc = model.grounding.encode_image(x["sam"])
+    steps = {}
+    for layers in blocks:
+        model.mba_layers, model.mba = salma.resolve_mba_layers(layers, model.cfg.llm_layers), blocks[layers]
+        model.cfg = replace(model.cfg, mba=True)
+        hidden = model.hidden_for_mba(out["hidden_states"])
+        step = lambda: model.refine(enc["image_embed"], enc["high_res_feats"], hidden, x["text"][None])
+        steps[layers] = interleaved_medians([step], runs)[0]
+    return steps
+
+
 @torch.inference_mode()
 def bench_overhead(args):
     """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all.
@@ -144,15 +163,24 @@ def bench_overhead(args):
     blocks = {"last": torch.nn.ModuleList([model.mba[-1]]), "all": model.mba}
     runs = {name: with_mba(model, layers, blocks, salma_pipeline(model, x))
             for name, layers in (("baseline", None), ("mba_layers=last", "last"), ("mba_layers=all", "all"))}
-    times = dict(zip(runs, interleaved_medians(list(runs.values()), args.runs)))
+    gflops = {name: flops(run) / 1e9 for name, run in runs.items()}  # counted before packing: flop_counter sees aten ops
+    salma.pack_linears_for_cpu(model)  # timed as eval.py runs on CPU
+    times = dict(zip(runs, interleaved_times(list(runs.values()), args.runs)))
+    base = statistics.median(times["baseline"])
+    steps = salma_step_times(model, x, blocks, 10 * args.runs)
     results = {}
-    base_t, base_f = times["baseline"], flops(runs["baseline"])
-    for name, run in runs.items():
-        t, f = times[name], flops(run)
-        results[name] = {"seconds": t, "gflops": f / 1e9, "wall_overhead_pct": 100 * (t / base_t - 1),
-                         "flops_overhead_pct": 100 * (f / base_f - 1)}
-        print(f"{name:22s} {t:8.3f} s ({results[name]['wall_overhead_pct']:+6.2f}% wall)  {f / 1e9:9.1f} GFLOPs "
-              f"({results[name]['flops_overhead_pct']:+.3f}% FLOPs)   median of {args.runs}, {args.preset}, fp32 CPU")
+    for name in runs:
+        # per round, variant / baseline of the same round: robust to drift of a shared machine
+        paired = statistics.median(t / b for t, b in zip(times[name], times["baseline"]))
+        step = steps.get(name.removeprefix("mba_layers="), 0.0)
+        results[name] = {"seconds": statistics.median(times[name]), "wall_overhead_pct": 100 * (paired - 1),
+                         "salma_step_ms": 1e3 * step, "salma_step_pct": 100 * step / base,
+                         "gflops": gflops[name], "flops_overhead_pct": 100 * (gflops[name] / gflops["baseline"] - 1)}
+        r = results[name]
+        print(f"{name:16s} {r['seconds']:7.3f} s ({r['wall_overhead_pct']:+6.2f}% wall, paired)  pre-pass + MBA alone "
+              f"{r['salma_step_ms']:6.1f} ms ({r['salma_step_pct']:.2f}%)  {r['gflops']:8.1f} GFLOPs ({r['flops_overhead_pct']:+.3f}%)")
+    print(f"  {args.preset}, fp32 CPU, packed linears; end to end: median of {args.runs} interleaved rounds; "
+          f"the step alone: median of {10 * args.runs}, as a share of the baseline's {base:.3f} s")
     return results
 
 
