@@ -736,7 +736,7 @@ class TopKRouter(nn.Module):
     def __init__(self, dim, hidden, k):
         super().__init__()
         self.k = k
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))  # the authors' router
 
     def forward(self, tokens, valid):
         """tokens (B, L, C), valid (B, L) -> selected (B, K, C), indices (B, K), selected_valid (B, K)."""
