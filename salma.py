@@ -961,9 +961,8 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
         heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
         memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
         memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
-        low_res = heads["low_res"]
         w, h = frame.size
-        yield SAM2Grounding.postprocess(low_res, cfg.sam_image_size, (h, w))[0, 0] > 0
+        yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0] > 0
 
 
 # ---------------------------------------------------------------------------------------------
