@@ -142,14 +142,8 @@ def salma_step_times(model, x, blocks, runs):
     """Median wall time of SALMA's step alone (pre-pass gate + MBA blocks) for each mba_layers variant."""
     out = model.mllm(x["ids"], x["pixels"], output_hidden_states=True)
     enc = model.grounding.encode_image(x["sam"])
-    steps = {}
-    for layers in blocks:
-        model.mba_layers, model.mba = salma.resolve_mba_layers(layers, model.cfg.llm_layers), blocks[layers]
-        model.cfg = replace(model.cfg, mba=True)
-        hidden = model.hidden_for_mba(out["hidden_states"])
-        step = lambda: model.refine(enc["image_embed"], enc["high_res_feats"], hidden, x["text"][None])
-        steps[layers] = interleaved_medians([step], runs)[0]
-    return steps
+    step = lambda: model.refine(enc["image_embed"], enc["high_res_feats"], model.hidden_for_mba(out["hidden_states"]), x["text"][None])
+    return {layers: interleaved_medians([with_mba(model, layers, blocks, step)], runs)[0] for layers in blocks}
 
 
 @torch.inference_mode()
@@ -206,9 +200,8 @@ def bench_internvl(args):
                                                        lambda: theirs(input_ids=input_ids, pixel_values=pixels)], args.runs)
     print(f"InternVL forward ({cfg.vit_depth}-layer ViT, {cfg.llm_layers}-layer LLM, {input_ids.shape[1]} tokens, fp32 CPU, "
           f"median of {args.runs}, interleaved): transformers {t_theirs:.3f} s")
-    for name, t in (("plain nn.Linear", t_plain), ("packed (eval.py on CPU)", t_packed)):
-        key = name.split()[0]
-        print(f"  ours, {name:24s} {t:.3f} s   ratio {t / t_theirs:.3f}   max |logit diff| {diffs[key]:.2e}")
+    for key, label, t in (("plain", "plain nn.Linear", t_plain), ("packed", "packed (eval.py on CPU)", t_packed)):
+        print(f"  ours, {label:24s} {t:.3f} s   ratio {t / t_theirs:.3f}   max |logit diff| {diffs[key]:.2e}")
     return {"transformers_s": t_theirs, "ours_plain_s": t_plain, "ours_packed_s": t_packed,
             "ratio_plain": t_plain / t_theirs, "ratio_packed": t_packed / t_theirs,
             "max_abs_diff_plain": diffs["plain"], "max_abs_diff_packed": diffs["packed"]}
