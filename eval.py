@@ -161,15 +161,9 @@ def load_model(ckpt, preset="tiny", device="cpu", **overrides):
         return salma.build_salma(salma.Config.from_preset(preset), device=device, **overrides)
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt}: not a directory (an official Sa2VA/SALMA directory or a train.py --out_dir)")
-    train_ckpt = os.path.join(ckpt, "ckpt.pt")
-    if not os.path.isfile(train_ckpt):
+    if not os.path.isfile(os.path.join(ckpt, "ckpt.pt")):
         return salma.build_salma(salma.Config.from_preset(preset), init=ckpt, device=device, **overrides)
-    state = torch.load(train_ckpt, map_location="cpu", weights_only=True)
-    train_cfg, model_cfg = state["configs"]["train"], salma.Config(**state["configs"]["model"])
-    model, tok = salma.build_salma(model_cfg, init=train_cfg["init"], sam2_ckpt=train_cfg["sam2_ckpt"], **overrides)
-    salma.set_trainable(model, train_cfg["recipe"], train_cfg["lora_r"], train_cfg["lora_alpha"], train_cfg["lora_dropout"])
-    weights = {k: v for k, v in state["model"].items() if model.cfg.mba or not k.startswith("mba.")}  # --mba=False drops MBA
-    salma.load_trainable_state_dict(model, weights)
+    model, tok, _ = salma.load_trained(ckpt, **overrides)
     return model.to(device).eval(), tok
 
 
@@ -402,16 +396,18 @@ def main(argv=None):
         return
     metrics = summarize(rows, is_video)
     elapsed = time.time() - start
-    metrics.update(dataset=args.dataset, split=args.split, ckpt=args.ckpt, mba=model.cfg.mba, items=n,
-                   items_per_s=n / max(elapsed, 1e-9), seconds=elapsed, peak_host_gib=peak_host_memory_gib())
+    metrics.update(dataset=args.dataset, split=args.split, ckpt=args.ckpt, mba=model.cfg.mba, items=n)
+    speed = {"items_per_s": n / max(elapsed, 1e-9), "seconds": elapsed, "peak_host_gib": peak_host_memory_gib()}
     if args.dataset == "ytvos":
         metrics["submission"] = zip_submission(args.out_dir)
     with open(os.path.join(args.out_dir, "predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    print(f"wrote {os.path.join(args.out_dir, 'metrics.json')}")
+    with open(os.path.join(args.out_dir, "speed.json"), "w") as f:  # apart: metrics.json is the same on every re-run
+        json.dump(speed, f, indent=2)
+    print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in {**metrics, **speed}.items()))
+    print(f"wrote {os.path.join(args.out_dir, 'metrics.json')} and speed.json")
     if data.WARNINGS:
         print("data problems handled:", dict(data.WARNINGS))
     return metrics

@@ -1202,12 +1202,42 @@ def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
     return model
 
 
-def trainable_state_dict(model):
-    """Parameters that train (what a training checkpoint needs besides the init)."""
-    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+def read_checkpoint(path):
+    """The dict train.py wrote to ckpt.pt; one clear error for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no training checkpoint here (train.py writes OUT_DIR/ckpt.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects: all mean "not our checkpoint"
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}); it is truncated or not a "
+                         "train.py checkpoint: restore it or train again") from None
+    if not isinstance(state, dict) or not {"model", "configs", "step"} <= state.keys():
+        raise ValueError(f"{path}: not a train.py checkpoint (it lacks 'model', 'configs' or 'step')")
+    return state
 
 
-def load_trainable_state_dict(model, sd):
-    """Load what trainable_state_dict saved, refusing missing or unexpected keys."""
-    check_keys(trainable_state_dict(model), sd, "training checkpoint")
+def load_weights(model, sd, source, allowed_missing=()):
+    """Load a full state dict in our names; one error naming the first bad key or shape."""
+    expected = model.state_dict()
+    check_keys(expected, sd, source, allowed_missing)
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=False)
+
+
+def load_trained(run_dir, **overrides):
+    """(model, tokenizer, step) exactly as train.py left run_dir: every weight, frozen ones included.
+
+    overrides: model fields to change (mba=False drops the MBA blocks: the Sa2VA baseline on the
+    same weights; mba=True on a baseline run adds fresh blocks with gamma = 0, i.e. the same outputs).
+    """
+    path = os.path.join(run_dir, "ckpt.pt")
+    state = read_checkpoint(path)
+    train_cfg, cfg = state["configs"]["train"], replace(Config(**state["configs"]["model"]), **overrides)
+    tok, cfg, ids = prepare_tokenizer(cfg, run_dir)
+    model = SALMA(cfg, ids)  # its random weights are all replaced below
+    set_trainable(model, train_cfg["recipe"], train_cfg["lora_r"], train_cfg["lora_alpha"], train_cfg["lora_dropout"])
+    weights = {k: v for k, v in state["model"].items() if cfg.mba or not k.startswith("mba.")}
+    load_weights(model, weights, path, allowed_missing=() if any(k.startswith("mba.") for k in weights) else ("mba.",))
+    return model, tok, state["step"]

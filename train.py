@@ -8,7 +8,8 @@ Train SALMA (or the Sa2VA baseline with --mba=False). One file, no framework.
   python train.py --export=out/tiny/export         # write the trained model in the official layout
 
 Every model knob is a flag too (`python train.py --help`). Checkpoints (`ckpt.pt` + `ckpt.json`) hold
-the trainable weights, optimizer, scheduler, step, RNG states and data position.
+every model weight (frozen ones too, so OUT_DIR alone rebuilds exactly the trained model), the
+optimizer, scheduler, step, RNG states and data position; OUT_DIR/tokenizer.json is its tokenizer.
 """
 
 import argparse
@@ -163,10 +164,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_trainable_weights(model):
-    """The trainable weights, gathered whole when FSDP shards them (every rank must call)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            for k, v in salma.trainable_state_dict(model).items()}
+def full_weights(model):
+    """Every weight of the model, frozen ones included, gathered whole when FSDP shards them (every rank must call)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path, weights, optimizer, scheduler, sampler, step, configs):
@@ -183,16 +183,9 @@ def save_checkpoint(path, weights, optimizer, scheduler, sampler, step, configs)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-    info = {"step": step, "what": "salma training checkpoint (trainable weights + optimizer state)", **configs}
+    info = {"step": step, "what": "salma training checkpoint (every model weight + optimizer state)", **configs}
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(info, f, indent=2)
-
-
-def load_checkpoint(path):
-    """Read a training checkpoint written by save_checkpoint (tensors and plain Python only)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from; drop --resume or set --out_dir")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +216,10 @@ def main(argv=None):
     if train_cfg.resume and train_cfg.fsdp:
         raise SystemExit("train.py: --resume with --fsdp=True is not supported (the optimizer state is sharded and not saved); resume with DDP")
     if train_cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        salma.load_trainable_state_dict(model, state["model"])
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from; drop --resume or set --out_dir")
+        state = salma.read_checkpoint(ckpt_path)
+        salma.load_weights(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -234,6 +229,8 @@ def main(argv=None):
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = data.batch_iterator(dataset, sampler, train_cfg.batch_size)
     log_path = os.path.join(train_cfg.out_dir, "log.jsonl")
+    if master:
+        tokenizer.save(os.path.join(train_cfg.out_dir, "tokenizer.json"))  # out_dir alone rebuilds the model
     if master and not train_cfg.resume and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not master, desc="train")
@@ -268,7 +265,7 @@ def main(argv=None):
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
             if not train_cfg.fsdp and not ranks_in_sync(model):  # every rank must call this collective
                 raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
-            weights = full_trainable_weights(model)  # a collective under FSDP
+            weights = full_weights(model)  # a collective under FSDP
             if master:
                 save_checkpoint(ckpt_path, weights, None if train_cfg.fsdp else optimizer, scheduler, sampler, step, configs)
     bar.close()
@@ -286,12 +283,10 @@ def build_model(train_cfg, preset, overrides):
 
 def export(train_cfg, preset, overrides):
     """Write out_dir/ckpt.pt's model in the official Sa2VA layout to --export (LoRA merged)."""
-    state = load_checkpoint(os.path.join(train_cfg.out_dir, "ckpt.pt"))
-    model, tokenizer = build_model(train_cfg, preset, overrides)
-    salma.load_trainable_state_dict(model, state["model"])
+    model, tokenizer, step = salma.load_trained(train_cfg.out_dir)
     salma.merge_lora(model.mllm.language_model)
     salma.save_official(model, tokenizer, train_cfg.export)
-    print(f"exported step {state['step']} of {train_cfg.out_dir} to {train_cfg.export}")
+    print(f"exported step {step} of {train_cfg.out_dir} to {train_cfg.export}")
 
 
 if __name__ == "__main__":
