@@ -214,12 +214,12 @@ def chat_prompt(turns, system_prompt=""):
 
 
 def image_placeholder(num_tiles, num_image_tokens):
-    """What one <image> becomes: per tile, <img> + num_image_tokens x <IMG_CONTEXT> + </img>."""
-    return (IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END) * num_tiles
+    """What one <image> of num_tiles tiles becomes: ONE <img>, all tiles' <IMG_CONTEXT> tokens, ONE </img>."""
+    return IMG_START + IMG_CONTEXT * (num_image_tokens * num_tiles) + IMG_END
 
 
 def video_placeholder(num_frames, num_image_tokens):
-    """Video frames, one tile each, joined by new lines (Sa2VA)."""
+    """Video frames, one tile each, each in its own <img>...</img>, joined by new lines (Sa2VA)."""
     return "\n".join(image_placeholder(1, num_image_tokens) for _ in range(num_frames))
 
 

@@ -339,3 +339,57 @@ def test_packed_linears_match_transformers_and_fall_back_with_grad():
     assert logits.abs().max() == 0
     logits.sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the prompt the official weights saw
+
+
+def sa2va_prompt_ids(tok, text):
+    """Sa2VA's inference template around one user turn (no system turn), tokenized."""
+    return tok.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+
+
+def test_image_prompt_equals_transformers_internvl_processor():
+    """One <image> of N tiles is ONE <img>, N x 256 <IMG_CONTEXT>, ONE </img>.
+
+    Reference: transformers' InternVLProcessor.replace_image_token (models/internvl/processing_internvl.py)
+    for the tile count its GotOcr2ImageProcessor.get_number_of_image_patches gives the same image, as
+    InternVL2.5 chat() and Sa2VA predict_forward (projects/sa2va/hf/models/modeling_sa2va_chat.py) build it.
+    """
+    from types import SimpleNamespace
+
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
+
+    cfg = salma.Config.from_preset("sa2va-1b")
+    tok, _, _ = salma.prepare_tokenizer(TINY)
+    image = random_image(w=1000, h=600)
+    processor = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12)
+    num_tiles = processor.get_number_of_image_patches(600, 1000)
+    assert salma.mllm_pixels([image], cfg, is_video=False).shape[0] == num_tiles > 2
+    reference = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>", image_seq_length=256)
+    media = InternVLProcessor.replace_image_token(reference, {"num_patches": [num_tiles]}, 0)
+    question = salma.eval_prompt("the red circle", is_video=False)
+    ours, _, _ = salma.encode_turns(tok, [(question, None)], "", salma.media_placeholder(num_tiles, cfg, is_video=False))
+    assert ours.tolist() == sa2va_prompt_ids(tok, question.replace("<image>", media))
+    assert question == "<image>\n Please segment the red circle in this image."
+
+
+def test_video_prompt_equals_sa2va_predict_forward():
+    """Frames: each its own <img> + 256 <IMG_CONTEXT> + </img>, joined by a new line.
+
+    Reference, quoted from Sa2VA projects/sa2va/hf/models/modeling_sa2va_chat.py (predict_forward):
+        image_token_str = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN * num_image_tokens}{IMG_END_TOKEN}'
+        image_token_str = image_token_str + '\\n'
+        image_token_str = image_token_str * num_frames
+        image_token_str = image_token_str.strip()
+    with num_image_tokens = patch_token (256) for a video, and the question "<image>\\nPlease segment {expr}.".
+    """
+    cfg = salma.Config.from_preset("sa2va-1b")
+    tok, _, _ = salma.prepare_tokenizer(TINY)
+    official = (("<img>" + "<IMG_CONTEXT>" * 256 + "</img>") + "\n") * 5
+    official = official.strip()
+    question = salma.eval_prompt("the cat jumping", is_video=True)
+    ours, _, _ = salma.encode_turns(tok, [(question, None)], "", salma.media_placeholder(5, cfg, is_video=True))
+    assert ours.tolist() == sa2va_prompt_ids(tok, question.replace("<image>", official))
+    assert question == "<image>\nPlease segment the cat jumping."
