@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 import salma
 
@@ -208,69 +209,35 @@ def paths_touch(a, b, steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# COCO masks: polygons and RLE (uncompressed counts or the compressed string), column-major
+# COCO masks, decoded by pycocotools as the refer API, Sa2VA and the MeViS/ReVOS evaluators do
 
 
-def rle_string_to_counts(text):
-    """COCO's compressed RLE string -> run lengths (pycocotools' rleFrString)."""
-    counts, pos = [], 0
-    while pos < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(text[pos]) - 48
-            value |= (c & 0x1F) << (5 * shift)
-            more = bool(c & 0x20)
-            pos, shift = pos + 1, shift + 1
-            if not more and c & 0x10:
-                value |= -1 << (5 * shift)
-        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
-    return counts
+def compressed(rle):
+    """A COCO RLE with its counts as pycocotools takes them: uncompressed lists converted, strings as bytes."""
+    if isinstance(rle["counts"], list):
+        return mask_utils.frPyObjects(rle, *rle["size"])
+    return {"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
 
 
-def counts_to_rle_string(counts):
-    """Run lengths -> COCO's compressed RLE string (pycocotools' rleToString)."""
-    out = []
-    for i, count in enumerate(counts):
-        value = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = value & 0x1F
-            value >>= 5
-            more = value != -1 if c & 0x10 else value != 0
-            out.append(chr((c | 0x20 if more else c) + 48))
-    return "".join(out)
-
-
-def rle_decode(rle):
-    """{"size": [h, w], "counts": str | list} -> bool mask (H, W) (COCO order: column-major)."""
-    h, w = rle["size"]
-    counts = rle_string_to_counts(rle["counts"]) if isinstance(rle["counts"], str) else list(rle["counts"])
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h}x{w}={h * w}")
-    values = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
-    return torch.from_numpy(values.reshape(w, h).T.copy())
-
-
-def rle_encode(mask):
-    """bool mask (H, W) -> {"size": [h, w], "counts": compressed str}."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": list(mask.shape), "counts": counts_to_rle_string(counts)}
+def rle_mask(rle):
+    """One COCO RLE {"size": [h, w], "counts"} -> bool mask (H, W)."""
+    return torch.from_numpy(mask_utils.decode(compressed(rle)) > 0)
 
 
 def coco_mask(segmentation, h, w):
-    """A COCO segmentation (polygons or RLE) -> bool mask (H, W); union of parts; empty -> empty."""
+    """A COCO segmentation -> bool mask (H, W), as refer.py's getMask: frPyObjects -> decode -> union of parts.
+
+    Polygons (a list of [x, y, ...]), one RLE or a list of RLEs (counts list or string); empty -> empty.
+    """
+    if not segmentation:
+        return torch.zeros(h, w, dtype=torch.bool)
     if isinstance(segmentation, dict):
-        return rle_decode(segmentation)
-    canvas = Image.new("L", (w, h), 0)
-    for polygon in segmentation or []:
-        if len(polygon) >= 6:
-            ImageDraw.Draw(canvas).polygon(list(map(float, polygon)), fill=1, outline=1)
-    return torch.from_numpy(np.array(canvas) > 0)
+        segmentation = [segmentation]
+    if isinstance(segmentation[0], dict):
+        rles = [compressed(r) for r in segmentation]
+    else:
+        rles = mask_utils.frPyObjects(segmentation, h, w)
+    return torch.from_numpy(mask_utils.decode(rles).any(axis=2))  # decode: (H, W, parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +297,9 @@ def truncate(text, max_chars):
 class VideoRefDataset(torch.utils.data.Dataset):
     """Referring video items (one per expression): frames sampled for training, all frames lazily for eval.
 
-    items: dicts with id, frame_paths, expr, and masks(frame_indices) -> bool (T, H, W) or None.
+    items: dicts with id, video, exp_id, frames (names), frame_paths, expr, masks(frame_indices) -> bool
+    (T, H, W) or masks = None on a split without ground truth; ReVOS items also carry type_id and
+    foreground(frame_indices) -> bool (T, H, W).
     """
 
     def __init__(self, items, num_frames=5, train=True, seed=0):
@@ -342,17 +311,26 @@ class VideoRefDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         item = self.items[index]
         if not self.train:
-            return {"id": item["id"], "frame_paths": item["frame_paths"], "exprs": [item["expr"]],
-                    "load_masks": item["masks"], "is_video": True, "conversation": None}
+            return {"id": item["id"], "video": item["video"], "exp_id": item["exp_id"], "frame_names": item["frames"],
+                    "frame_paths": item["frame_paths"], "exprs": [item["expr"]], "load_masks": item["masks"],
+                    "type_id": item.get("type_id"), "load_foreground": item.get("foreground"),
+                    "is_video": True, "conversation": None}
+        if item["masks"] is None:
+            raise ValueError(f"{item['id']}: this split has no ground-truth masks; it cannot be used for training")
         rng = random.Random(self.seed * 1_000_003 + index)
         n = len(item["frame_paths"])
         chosen = sorted(rng.sample(range(n), min(self.num_frames, n)))
         frames = [load_image(item["frame_paths"][t]) for t in chosen]
-        masks = item["masks"](chosen)
-        if masks is None:
-            raise ValueError(f"{item['id']}: this split has no masks; it cannot be used for training")
-        return {"id": item["id"], "frames": frames, "exprs": [item["expr"]], "masks": masks[None],
+        return {"id": item["id"], "frames": frames, "exprs": [item["expr"]], "masks": item["masks"](chosen)[None],
                 "is_video": True, "conversation": None}
+
+
+def frame_size(path):
+    """(H, W) of an image, read from its header."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: image not found; check --data_root and the dataset layout (README)")
+    with Image.open(path) as image:
+        return image.height, image.width
 
 
 def palette_masks(ann_dir, frames, obj_id):
@@ -363,72 +341,129 @@ def palette_masks(ann_dir, frames, obj_id):
             path = os.path.join(ann_dir, frames[t] + ".png")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: annotation not found")
-            out.append(torch.from_numpy(np.array(Image.open(path)) == int(obj_id)))
+            with Image.open(path) as image:
+                out.append(torch.from_numpy(np.array(image) == int(obj_id)))
         return torch.stack(out)
     return load
 
 
-def ytvos_items(root, split):
-    """Ref-YouTube-VOS / Ref-DAVIS17 (same layout): {root}/meta_expressions/{split}/meta_expressions.json,
-    {root}/{split}/JPEGImages/<vid>/<frame>.jpg, {root}/{split}/Annotations/<vid>/<frame>.png."""
-    meta = read_json(os.path.join(root, "meta_expressions", split, "meta_expressions.json"))["videos"]
-    items = []
-    for vid, video in sorted(meta.items()):
-        frame_paths = [os.path.join(root, split, "JPEGImages", vid, f + ".jpg") for f in video["frames"]]
-        ann_dir = os.path.join(root, split, "Annotations", vid)
-        for exp_id, exp in sorted(video["expressions"].items(), key=lambda kv: int(kv[0])):
-            has_masks = os.path.isdir(ann_dir) and "obj_id" in exp
-            masks = palette_masks(ann_dir, video["frames"], exp["obj_id"]) if has_masks else (lambda idx: None)
-            items.append({"id": f"{vid}/{exp_id}", "frame_paths": frame_paths, "expr": exp["exp"], "masks": masks,
-                          "video": vid, "exp_id": exp_id, "frames": video["frames"]})
-    return items
+def rle_union_masks(mask_dict, anno_ids, video, source):
+    """Loader of (T, H, W) masks: per frame, the union of the RLEs of anno_ids; an absent object (None) is empty.
 
-
-def rle_union_masks(mask_dict, anno_ids, source):
-    """Loader of (T, H, W) masks: per frame, the union of the RLEs of anno_ids (None = absent)."""
+    mask_dict[anno_id] lists one RLE (or a list of RLEs) per frame in the order of the meta file's "frames".
+    """
     for a in anno_ids:
         if str(a) not in mask_dict:
-            raise ValueError(f"{source}: anno_id {a} is not in mask_dict.json")
+            raise ValueError(f"{source}: anno_id {a} is not in it")
 
     def load(indices):
         out = []
         for t in indices:
-            rles = [mask_dict[str(a)][t] for a in anno_ids]
-            size = next((r["size"] for r in rles if r), None)
-            mask = torch.zeros(size, dtype=torch.bool) if size else None
-            for r in rles:
-                if r:
-                    mask |= rle_decode(r)
+            h, w = frame_size(video["paths"][t])
+            mask = torch.zeros(h, w, dtype=torch.bool)
+            for a in anno_ids:
+                rle = mask_dict[str(a)][video["positions"][t]]
+                if rle:
+                    mask |= coco_mask(rle, h, w)
             out.append(mask)
-        if any(m is None for m in out):
-            shape = next((m.shape for m in out if m is not None), None)
-            if shape is None:
-                return None
-            out = [m if m is not None else torch.zeros(shape, dtype=torch.bool) for m in out]
         return torch.stack(out)
     return load
 
 
-def mevis_items(root, split, meta_name="meta_expressions.json"):
-    """MeViS (and ReVOS): {root}/{split}/meta_expressions.json, {root}/{split}/mask_dict.json,
-    {root}/{split}/JPEGImages/<vid>/<frame>.jpg; an expression's GT = union over its anno_ids."""
-    folder = os.path.join(root, split)
-    meta = read_json(os.path.join(folder, meta_name))["videos"]
-    dict_path = os.path.join(folder, "mask_dict.json")
-    mask_dict = read_json(dict_path) if os.path.isfile(dict_path) else None
+def load_mask_dict(path):
+    """mask_dict.json (MeViS, ReVOS) or mask_dict.pkl (Sa2VA's Ref-DAVIS17): anno_id -> one RLE per frame."""
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    return read_json(path)
+
+
+def video_items(meta, image_dir, masks_of, **extra_of):
+    """One item per expression of a meta_expressions {"videos": ...}, frames in sorted order as the official
+    loaders read them. masks_of(video, exp_id, exp) -> mask loader or None; extra_of[key](video, exp) -> value.
+    video: {"vid", "frames" (sorted names), "paths", "positions" (index of each frame in the meta's list)}."""
     items = []
-    for vid, video in sorted(meta.items()):
-        frame_paths = [os.path.join(folder, "JPEGImages", vid, f + ".jpg") for f in video["frames"]]
-        for exp_id, exp in sorted(video["expressions"].items(), key=lambda kv: int(kv[0])):
-            anno_ids = exp.get("anno_id", [])
-            masks = rle_union_masks(mask_dict, anno_ids, dict_path) if mask_dict and anno_ids else (lambda idx: None)
-            items.append({"id": f"{vid}/{exp_id}", "frame_paths": frame_paths, "expr": exp["exp"], "masks": masks,
-                          "video": vid, "exp_id": exp_id, "frames": video["frames"]})
+    for vid, entry in sorted(meta["videos"].items()):
+        frames = sorted(entry["frames"])
+        video = {"vid": vid, "frames": frames, "paths": [os.path.join(image_dir, vid, f + ".jpg") for f in frames],
+                 "positions": [entry["frames"].index(f) for f in frames]}
+        for exp_id, exp in sorted(entry["expressions"].items(), key=lambda kv: int(kv[0])):
+            item = {"id": f"{vid}/{exp_id}", "video": vid, "exp_id": exp_id, "frames": frames, "frame_paths": video["paths"],
+                    "expr": exp["exp"], "masks": masks_of(video, exp_id, exp)}
+            item.update({key: f(video, exp) for key, f in extra_of.items()})
+            items.append(item)
     return items
 
 
+def expression_counter(meta):
+    """{(vid, exp_id): n}: the anno_id Sa2VA/VISA's mask_dict.pkl gives each expression (videos and exp_ids
+    string-sorted, counted from 0; Sa2VA tools/eval/eval_davis.py get_meta_exp)."""
+    pairs = [(vid, e) for vid in sorted(meta["videos"]) for e in sorted(meta["videos"][vid]["expressions"])]
+    return {pair: n for n, pair in enumerate(pairs)}
+
+
+def ytvos_items(root, split):
+    """Ref-YouTube-VOS / Ref-DAVIS17: {root}/meta_expressions/{split}/meta_expressions.json,
+    {root}/{split}/JPEGImages/<vid>/<frame>.jpg and the ground truth either as palette PNGs
+    {root}/{split}/Annotations/<vid>/<frame>.png (the challenge's and ReferFormer's layout) or as
+    {root}/{split}/mask_dict.pkl (Sa2VA's and VISA's). Ref-YouTube-VOS valid: the challenge's file also lists
+    the test videos; those of meta_expressions/test are dropped, as ReferFormer's inference_ytvos.py does."""
+    meta = read_json(os.path.join(root, "meta_expressions", split, "meta_expressions.json"))
+    pkl_path, ann_root = os.path.join(root, split, "mask_dict.pkl"), os.path.join(root, split, "Annotations")
+    if os.path.isfile(pkl_path):
+        mask_dict, anno_ids = load_mask_dict(pkl_path), expression_counter(meta)  # counted over the whole file
+        masks_of = lambda video, exp_id, exp: rle_union_masks(mask_dict, [anno_ids[video["vid"], exp_id]], video, pkl_path)
+    else:
+        has_masks = lambda video, exp: os.path.isdir(os.path.join(ann_root, video["vid"])) and "obj_id" in exp
+        masks_of = lambda video, exp_id, exp: (palette_masks(os.path.join(ann_root, video["vid"]), video["frames"], exp["obj_id"])
+                                               if has_masks(video, exp) else None)
+    test_path = os.path.join(root, "meta_expressions", "test", "meta_expressions.json")
+    if split != "test" and os.path.isfile(test_path):
+        test_videos = set(read_json(test_path)["videos"])
+        meta = {"videos": {v: x for v, x in meta["videos"].items() if v not in test_videos}}
+    return video_items(meta, os.path.join(root, split, "JPEGImages"), masks_of)
+
+
+def anno_masks(mask_path):
+    """masks_of for MeViS/ReVOS: the union over an expression's anno_ids from mask_path, None when it is absent."""
+    mask_dict = load_mask_dict(mask_path) if os.path.isfile(mask_path) else None
+    return lambda video, exp_id, exp: rle_union_masks(mask_dict, exp["anno_id"], video, mask_path) if mask_dict else None
+
+
+def mevis_items(root, split):
+    """MeViS: {root}/{split}/meta_expressions.json, mask_dict.json (train, valid_u; valid has none) and
+    JPEGImages/<vid>/<frame>.jpg; an expression's ground truth is the union over its anno_ids."""
+    folder = os.path.join(root, split)
+    meta = read_json(os.path.join(folder, "meta_expressions.json"))
+    return video_items(meta, os.path.join(folder, "JPEGImages"), anno_masks(os.path.join(folder, "mask_dict.json")))
+
+
+def revos_items(root, split):
+    """ReVOS as released (cilinyan/ReVOS-api README): {root}/JPEGImages/, mask_dict.json,
+    mask_dict_foreground.json and meta_expressions_{split}_.json at the root. Items carry type_id
+    (0 referring, 1 reasoning) and foreground(frame_indices): the video's foreground masks, for R."""
+    meta = read_json(os.path.join(root, f"meta_expressions_{split}_.json"))
+    fg_path = os.path.join(root, "mask_dict_foreground.json")
+    foreground = read_json(fg_path) if os.path.isfile(fg_path) else None
+
+    def foreground_of(video, exp):
+        if foreground is None:
+            return None
+        if video["vid"] not in foreground:
+            raise ValueError(f"{fg_path}: video {video['vid']} is not in it")
+        return rle_union_masks({"fg": foreground[video["vid"]]["masks_rle"]}, ["fg"], video, fg_path)
+
+    return video_items(meta, os.path.join(root, "JPEGImages"), anno_masks(os.path.join(root, "mask_dict.json")),
+                       type_id=lambda video, exp: exp.get("type_id"), foreground=foreground_of)
+
+
 class LLaVAChatDataset(torch.utils.data.Dataset):
-    """LLaVA-style chat JSON: [{"id", "image", "conversations": [{"from", "value"}]}]; no masks."""
+    """LLaVA-1.5 instruction data as released: llava_v1_5_mix665k.json, a list of {"id", "image" (optional),
+    "conversations": [{"from", "value"}]}, images relative to image_root (coco/train2017, gqa/images, ...).
+
+    As LLaVA's train.py: a record without "image" is text-only chat (no frames); in a record with one, the
+    "<image>" tag is moved to the front of the turn that holds it. No masks.
+    """
 
     def __init__(self, json_path, image_root):
         self.records, self.image_root = read_json(json_path), image_root
@@ -438,14 +473,33 @@ class LLaVAChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rec = self.records[index]
-        image = load_image(os.path.join(self.image_root, rec["image"]))
-        return {"id": str(rec.get("id", index)), "frames": [image], "exprs": [],
-                "masks": torch.zeros(0, 1, image.height, image.width, dtype=torch.bool), "is_video": False,
-                "conversation": rec["conversations"]}
+        conversation = [dict(turn) for turn in rec["conversations"]]
+        frames = []
+        if "image" in rec:
+            frames = [load_image(os.path.join(self.image_root, rec["image"]))]
+            for turn in conversation:
+                if "<image>" in turn["value"]:
+                    turn["value"] = ("<image>\n" + turn["value"].replace("<image>", "").strip()).strip()
+        h, w = (frames[0].height, frames[0].width) if frames else (1, 1)
+        return {"id": str(rec.get("id", index)), "frames": frames, "exprs": [],
+                "masks": torch.zeros(0, len(frames), h, w, dtype=torch.bool), "is_video": False,
+                "conversation": conversation}
 
 
-def build_dataset(name, root="", split="val", train=False, seed=0, num_samples=None):
-    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava."""
+# the official name of each dataset's evaluation split (and its files)
+EVAL_SPLITS = {"synthetic": "val", "refcoco": "val", "refcoco+": "val", "refcocog": "val", "ytvos": "valid",
+               "davis17": "valid", "mevis": "valid_u", "revos": "valid", "llava": "train"}
+LLAVA_FILE = "llava_v1_5_mix665k.json"
+
+
+def build_dataset(name, root="", split="", train=False, seed=0, num_samples=None):
+    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava.
+
+    split "" = the official evaluation split (EVAL_SPLITS), or train with train=True.
+    """
+    if name not in EVAL_SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; choose {', '.join(EVAL_SPLITS)}")
+    split = split or ("train" if train else EVAL_SPLITS[name])
     if name == "synthetic":
         n = num_samples or (10_000 if train else 200)
         return SyntheticRefDataset(n, seed=seed if train else seed + 10_000)
@@ -453,13 +507,10 @@ def build_dataset(name, root="", split="val", train=False, seed=0, num_samples=N
         raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (README: Data)")
     if name in ("refcoco", "refcoco+", "refcocog"):
         return RefCOCODataset(root, name, split, per_expression=not train)
-    if name in ("ytvos", "davis17"):
-        return VideoRefDataset(ytvos_items(os.path.join(root, name), split), train=train, seed=seed)
-    if name in ("mevis", "revos"):
-        return VideoRefDataset(mevis_items(os.path.join(root, name), split), train=train, seed=seed)
     if name == "llava":
-        return LLaVAChatDataset(os.path.join(root, "llava", f"{split}.json"), os.path.join(root, "llava", "images"))
-    raise ValueError(f"unknown dataset {name!r}; choose synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava")
+        return LLaVAChatDataset(os.path.join(root, "llava", LLAVA_FILE), os.path.join(root, "llava"))
+    readers = {"ytvos": ytvos_items, "davis17": ytvos_items, "mevis": mevis_items, "revos": revos_items}
+    return VideoRefDataset(readers[name](os.path.join(root, name), split), train=train, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,8 +620,11 @@ def make_train_batch(samples, tokenizer, cfg, seeds):
     for row, (sample, seed) in enumerate(zip(samples, seeds)):
         rng = random.Random(seed)
         frames = sample["frames"][: cfg.video_frames] if sample["is_video"] else sample["frames"][:1]
-        tiles = salma.mllm_pixels(frames, cfg, sample["is_video"])
-        media = salma.media_placeholder(tiles.shape[0], cfg, sample["is_video"])
+        media = ""  # text-only chat (LLaVA records without an image)
+        if frames:
+            tiles = salma.mllm_pixels(frames, cfg, sample["is_video"])
+            media = salma.media_placeholder(tiles.shape[0], cfg, sample["is_video"])
+            pixels.append(tiles)
         row_ids, row_labels, text_masks = salma.encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
         first_frame = len(sam_frames)
         sam_frames.extend(frames)
@@ -584,14 +638,13 @@ def make_train_batch(samples, tokenizer, cfg, seeds):
                 pair_masks.append(torch.nn.functional.interpolate(sample["masks"][k, t][None, None].float(), size=(low_res, low_res), mode="nearest")[0, 0])
         ids.append(row_ids)
         labels.append(row_labels)
-        pixels.append(tiles)
     length = max(len(x) for x in ids)
     return {
         "input_ids": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=pad_id) for x in ids]),
         "labels": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=-100) for x in labels]),
         "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
-        "pixel_values": torch.cat(pixels),
-        "sam_images": salma.sam_pixels(sam_frames, cfg.sam_image_size),
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "sam_images": salma.sam_pixels(sam_frames, cfg.sam_image_size) if sam_frames else torch.zeros(0, 3, cfg.sam_image_size, cfg.sam_image_size),
         "seg_index": torch.tensor(seg_index, dtype=torch.long).reshape(-1, 2),
         "seg_text": torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for m in seg_text]) if seg_text else torch.zeros(0, length, dtype=torch.bool),
         "pair_seg": torch.tensor(pair_seg, dtype=torch.long),

@@ -223,9 +223,9 @@ def run_videos(model, tok, dataset, indices, args, write_dir=None):
             preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, force_seg=args.force_seg)]
             if write_dir is not None:
                 write_submission_masks(write_dir, sample, preds)
-            gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames))
-            if gts is None:
+            if "masks" not in sample and sample["load_masks"] is None:
                 continue  # a split without annotations (Ref-YouTube-VOS valid): submission only
+            gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames)).numpy()
             meter = JFMeter()
             meter.add(sample["id"], preds, list(gts))
             j, f = meter.per_expression[sample["id"]]
@@ -326,7 +326,7 @@ def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="benchmark (default synthetic)")
-    p.add_argument("--split", default="", help="split (default: val; mevis valid_u; ytvos valid)")
+    p.add_argument("--split", default="", help="split (default: the official evaluation split: val for refcoco*, valid_u for mevis, valid for ytvos, davis17, revos)")
     p.add_argument("--ckpt", default="", help="official-layout directory or train.py --out_dir ('' = random tiny model)")
     p.add_argument("--data_root", default="", help="folder holding the datasets (README: Data)")
     p.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="preset for sizes not in the checkpoint")
@@ -338,7 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--visualize", type=int, default=0, help="write figures for the first N image items and stop")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    args.split = args.split or {"mevis": "valid_u", "ytvos": "valid"}.get(args.dataset, "val")
+    args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
     args.out_dir = args.out_dir or os.path.join("eval_out", f"{args.dataset}_{args.split}" + ("_baseline" if args.mba is False else ""))
     return args
 

@@ -840,12 +840,13 @@ class SALMA(nn.Module):
         out = self.mllm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], output_hidden_states=True)
         rows, cols = batch["seg_index"].unbind(1)
         z_seg = self.text_hidden_fcs(out["hidden_states"][-1][rows, cols])  # (N_seg, C)
+        seg, frame = batch["pair_seg"], batch["pair_frame"]
+        if seg.numel() == 0:  # chat-only batch (text-only records too): nothing to segment, no SAM-2 pass
+            side = self.cfg.sam_image_size // 16  # SAM-2's image embedding grid
+            low = z_seg.new_zeros(0, 1, 4 * side, 4 * side)
+            return {"logits": out["logits"], "low_res": low, "z_seg": z_seg, "tmc_feats": z_seg.new_zeros(0, self.grounding.width, side, side)}
         with torch.no_grad():  # the SAM-2 image encoder is frozen in every recipe
             enc = self.grounding.encode_image(batch["sam_images"])
-        seg, frame = batch["pair_seg"], batch["pair_frame"]
-        if seg.numel() == 0:  # chat-only batch: nothing to segment
-            low = enc["image_embed"].new_zeros(0, 1, 4 * enc["image_embed"].shape[-2], 4 * enc["image_embed"].shape[-1])
-            return {"logits": out["logits"], "low_res": low, "z_seg": z_seg, "tmc_feats": enc["image_embed"][:0]}
         image_embed = enc["image_embed"][frame]  # (P, C, h, w)
         high_res = [f[frame] for f in enc["high_res_feats"]]
         hidden = [h[rows[seg]] if h is not None else None for h in self.hidden_for_mba(out["hidden_states"])]

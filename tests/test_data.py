@@ -1,4 +1,4 @@
-"""data.py: generated scenes, COCO masks, readers on fixtures in the official layouts, sampling."""
+"""data.py: generated scenes, COCO masks (pycocotools semantics), readers on fixtures built in the official layouts, sampling."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import data
 
@@ -99,34 +100,44 @@ def test_videos_move_the_target_the_stated_way():
 
 
 # ---------------------------------------------------------------------------------------------
-# COCO masks
+# COCO masks: pycocotools semantics
 
 
-def test_rle_matches_pycocotools_both_ways():
-    mask_utils = pytest.importorskip("pycocotools.mask")  # listed in requirements.txt; present in CI
+def test_coco_mask_is_the_refer_api_mask_on_coco_sized_polygons():
+    """lichengunc/refer refer.py getMask: frPyObjects -> decode -> sum over parts; float polygons on a 480x640 image."""
     rng = np.random.default_rng(0)
-    for _ in range(30):
-        h, w = rng.integers(1, 40, 2)
-        m = rng.random((h, w)) < rng.random()
-        ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        assert data.rle_encode(torch.from_numpy(m))["counts"] == ref["counts"].decode()
-        assert (data.rle_decode({"size": [int(h), int(w)], "counts": ref["counts"].decode()}).numpy() == m).all()
+    for _ in range(10):
+        parts = []
+        for _ in range(rng.integers(1, 3)):
+            centre, radius = rng.uniform(100, 380, 2), rng.uniform(20, 90)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 12)))
+            parts.append(np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1).ravel().tolist())
+        reference = mask_utils.decode(mask_utils.frPyObjects(parts, 480, 640)).sum(axis=2) > 0
+        assert np.array_equal(data.coco_mask(parts, 480, 640).numpy(), reference)
 
 
-def test_rle_uncompressed_counts_are_column_major():
-    mask = data.rle_decode({"size": [2, 3], "counts": [1, 2, 3]})  # 1 zero, 2 ones, 3 zeros down the columns
-    assert mask.tolist() == [[False, True, False], [True, False, False]]
+def test_coco_mask_reads_compressed_and_uncompressed_rle_and_empty():
+    """pycocotools coco.py annToRLE: uncompressed counts (iscrowd) go through frPyObjects; compressed strings decode as-is."""
+    m = np.zeros((7, 9), bool)
+    m[1:4, 2:6] = m[6, 8] = True
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": rle["counts"].decode()}, 7, 9).numpy(), m)
+    assert np.array_equal(data.rle_mask(rle).numpy(), m)  # bytes, as Sa2VA's mask_dict.pkl stores them
+    runs = uncompressed_counts(m)
+    assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": runs}, 7, 9).numpy(), m)
+    assert not data.coco_mask([], 7, 9).any() and data.coco_mask([], 7, 9).shape == (7, 9)
 
 
-def test_polygons_union_and_empty():
-    square = [[1, 1, 4, 1, 4, 4, 1, 4]]
-    m = data.coco_mask(square + [[6, 6, 8, 6, 8, 8, 6, 8]], 10, 10)
-    assert m[2, 2] and m[7, 7] and not m[0, 0] and not m[5, 5]
-    assert not data.coco_mask([], 10, 10).any()
+def uncompressed_counts(mask):
+    """COCO's uncompressed RLE counts: alternating 0/1 run lengths down the columns, starting with zeros."""
+    flat = mask.T.ravel()
+    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat[0] else runs
 
 
 # ---------------------------------------------------------------------------------------------
-# readers on fixtures in the official layouts
+# readers on fixtures built in the official layouts
 
 
 def save_jpg(path, w=32, h=24, value=128):
@@ -134,33 +145,62 @@ def save_jpg(path, w=32, h=24, value=128):
     Image.new("RGB", (w, h), (value, value, value)).save(path)
 
 
+def official_rle(mask):
+    """A mask as MeViS/ReVOS mask_dict.json store it: pycocotools RLE, counts as str."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+POLYGON = [[100.5, 80.25, 300.75, 90.5, 280.0, 300.5, 120.25, 260.75], [400.0, 50.0, 500.5, 60.25, 450.25, 150.0]]
+
+
 def refcoco_fixture(root):
-    save_jpg(root / "coco" / "train2014" / "COCO_train2014_000000000001.jpg")
-    instances = {"images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 24, "width": 32}],
-                 "annotations": [{"id": 10, "image_id": 1, "segmentation": [[2, 2, 10, 2, 10, 10, 2, 10]]},
-                                 {"id": 11, "image_id": 1, "segmentation": []}],
-                 "categories": [{"id": 1, "name": "thing"}]}
-    refs = [{"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val", "sentences": [{"sent": "the box"}, {"sent": "grey box"}]},
-            {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "sentences": [{"sent": "nothing"}]},
-            {"ref_id": 2, "ann_id": 99, "image_id": 1, "split": "val", "sentences": [{"sent": "dangling"}]},
-            {"ref_id": 3, "ann_id": 10, "image_id": 1, "split": "train", "sentences": [{"sent": "train"}]}]
+    """refer-API layout (lichengunc/refer refer.py): {root}/refcocog/instances.json + refs(umd).p, COCO train2014 images.
+
+    Returns {ref_id: GT mask} for the val refs, computed as refer.py getMask / pycocotools annToRLE do.
+    """
+    save_jpg(root / "coco" / "train2014" / "COCO_train2014_000000000001.jpg", 640, 480)
+    crowd = np.zeros((480, 640), bool)
+    crowd[200:260, 10:90] = True
+    small = np.zeros((480, 640), bool)
+    small[5:9, 600:630] = True
+    instances = {"images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 480, "width": 640}],
+                 "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": POLYGON},
+                                 {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": []},
+                                 {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 1,
+                                  "segmentation": {"size": [480, 640], "counts": uncompressed_counts(crowd)}},
+                                 {"id": 13, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": official_rle(small)}],
+                 "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}]}
+
+    def ref(ref_id, ann_id, split, *sents):
+        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": 1, "split": split, "category_id": 1,
+                "file_name": "COCO_train2014_000000000001_%d.jpg" % ann_id, "sent_ids": list(range(len(sents))),
+                "sentences": [{"sent": s, "raw": s, "tokens": s.split(), "sent_id": i} for i, s in enumerate(sents)]}
+
+    refs = [ref(0, 10, "val", "the box", "grey box"), ref(1, 11, "val", "nothing"), ref(2, 99, "val", "dangling"),
+            ref(3, 10, "train", "train"), ref(4, 12, "val", "the crowd"), ref(5, 13, "val", "thin strip")]
     os.makedirs(root / "refcocog")
     json.dump(instances, open(root / "refcocog" / "instances.json", "w"))
     pickle.dump(refs, open(root / "refcocog" / "refs(umd).p", "wb"))
+    polygon = mask_utils.decode(mask_utils.frPyObjects(POLYGON, 480, 640)).sum(axis=2) > 0
+    return {"0": polygon, "1": np.zeros((480, 640), bool), "4": crowd, "5": small}
 
 
-def test_refcocog_reader(tmp_path):
-    refcoco_fixture(tmp_path)
+def test_refcocog_reader_gives_one_item_per_sentence_with_the_refer_api_mask(tmp_path):
+    """Masks as lichengunc/refer refer.py getMask (pycocotools frPyObjects -> decode -> merge)."""
+    expected = refcoco_fixture(tmp_path)
     before = data.WARNINGS["annotation points at nothing"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = data.build_dataset("refcocog", str(tmp_path), "val")
+        ds = data.build_dataset("refcocog", str(tmp_path))  # default split: val
     assert data.WARNINGS["annotation points at nothing"] == before + 1
-    assert len(ds) == 3  # one item per sentence; the dangling ref is skipped and counted
-    first = ds[0]
-    assert first["exprs"] == ["the box"] and first["masks"].shape == (1, 1, 24, 32)
-    assert first["masks"][0, 0, 2:10, 2:10].all() and first["masks"].sum() == 81
-    assert not ds[2]["masks"].any()  # empty segmentation -> empty mask
+    assert [(s["id"], s["exprs"]) for s in ds] == [("0", ["the box"]), ("0", ["grey box"]), ("1", ["nothing"]),
+                                                    ("4", ["the crowd"]), ("5", ["thin strip"])]
+    for s in ds:
+        assert s["masks"].shape == (1, 1, 480, 640)
+        assert np.array_equal(s["masks"][0, 0].numpy(), expected[s["id"]]), s["id"]
+    train = data.build_dataset("refcocog", str(tmp_path), train=True)
+    assert len(train) == 1 and train[0]["exprs"] == ["train"]
 
 
 def test_missing_image_names_the_file(tmp_path):
@@ -175,64 +215,217 @@ def test_missing_image_names_the_file(tmp_path):
         data.build_dataset("refcocog", str(tmp_path / "nope"), "val")
 
 
+PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * 756  # DAVIS/YouTube-VOS palette: index = object id
+
+
 def palette_png(path, array):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image = Image.fromarray(array.astype(np.uint8), mode="P")
-    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    image.putpalette(PALETTE)
     image.save(path)
 
 
-def test_ytvos_reader_and_lazy_eval_items(tmp_path):
-    root = tmp_path / "ytvos"
+def object_frames(t, h=24, w=32):
+    """Index map of frame t: object 1 moves down, object 2 fixed, object 3 only in frame 0."""
+    ann = np.zeros((h, w), np.uint8)
+    ann[t:t + 4, :4] = 1
+    ann[10:, 10:] = 2
+    if t == 0:
+        ann[:3, 20:] = 3
+    return ann
+
+
+def write_meta(path, videos):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump({"videos": videos}, open(path, "w"))
+
+
+def ytvos_fixture(root):
+    """Ref-YouTube-VOS as the 2021 challenge ships it (ReferFormer inference_ytvos.py): meta_expressions/{train,valid,test},
+    train/ with palette Annotations, valid/JPEGImages holding only the valid videos although
+    meta_expressions/valid also lists the test videos."""
     frames = ["00000", "00005", "00010"]
-    meta = {"videos": {"v1": {"expressions": {"0": {"exp": "a red thing", "obj_id": "1"}, "1": {"exp": "green", "obj_id": "2"}},
-                              "frames": frames}}}
-    os.makedirs(root / "meta_expressions" / "train")
-    json.dump(meta, open(root / "meta_expressions" / "train" / "meta_expressions.json", "w"))
+    train = {"v1": {"expressions": {"0": {"exp": "a red thing", "obj_id": "1"}, "1": {"exp": "green", "obj_id": "2"}},
+                    "frames": frames}}
+    write_meta(root / "meta_expressions" / "train" / "meta_expressions.json", train)
     for t, f in enumerate(frames):
         save_jpg(str(root / "train" / "JPEGImages" / "v1" / f"{f}.jpg"))
-        ann = np.zeros((24, 32))
-        ann[t:t + 4, :4] = 1
-        ann[10:, 10:] = 2
-        palette_png(str(root / "train" / "Annotations" / "v1" / f"{f}.png"), ann)
+        palette_png(str(root / "train" / "Annotations" / "v1" / f"{f}.png"), object_frames(t))
+    valid = {"vval": {"expressions": {"0": {"exp": "a dog"}, "1": {"exp": "a cat"}}, "frames": frames[:2]},
+             "vtest": {"expressions": {"0": {"exp": "a bird"}}, "frames": frames}}
+    write_meta(root / "meta_expressions" / "valid" / "meta_expressions.json", valid)
+    write_meta(root / "meta_expressions" / "test" / "meta_expressions.json", {"vtest": valid["vtest"]})
+    for f in frames[:2]:
+        save_jpg(str(root / "valid" / "JPEGImages" / "vval" / f"{f}.jpg"))
+    return frames
+
+
+def test_ytvos_train_reads_palette_annotations(tmp_path):
+    """Ref-YouTube-VOS train: Annotations/<vid>/<frame>.png, palette index = obj_id of meta_expressions (ReferFormer datasets/ytvos.py)."""
+    ytvos_fixture(tmp_path / "ytvos")
     train = data.build_dataset("ytvos", str(tmp_path), "train", train=True)
-    s = train[0]
-    assert s["masks"].shape == (1, 3, 24, 32) and s["masks"][0, :, :, :4].sum() == 48
-    assert s["masks"][0, 1, 1:5, :4].all()
-    assert train[1]["masks"][0, 0, 10:, 10:].all()
+    for k, obj in enumerate((1, 2)):
+        s = train[k]
+        expected = np.stack([object_frames(t) == obj for t in range(3)])
+        assert np.array_equal(s["masks"][0].numpy(), expected) and len(s["frames"]) == 3
     lazy = data.build_dataset("ytvos", str(tmp_path), "train")[0]
-    assert len(lazy["frame_paths"]) == 3 and lazy["load_masks"]([2])[0, 2:6, :4].all()
+    assert len(lazy["frame_paths"]) == 3 and np.array_equal(lazy["load_masks"]([2])[0].numpy(), object_frames(2) == 1)
 
 
-def test_mevis_reader_gt_is_the_union_of_anno_ids(tmp_path):
-    folder = tmp_path / "mevis" / "valid_u"
-    frames = ["0", "1"]
+def test_ytvos_valid_drops_the_test_videos_and_has_no_ground_truth(tmp_path):
+    """ReferFormer inference_ytvos.py: valid videos = meta_expressions/valid minus meta_expressions/test (202 of 507)."""
+    ytvos_fixture(tmp_path / "ytvos")
+    ds = data.build_dataset("ytvos", str(tmp_path))  # default split: valid
+    assert [s["id"] for s in ds] == ["vval/0", "vval/1"]
+    assert all(s["load_masks"] is None for s in ds) and all(os.path.isfile(p) for p in ds[0]["frame_paths"])
+    with pytest.raises(ValueError, match="no ground-truth masks"):
+        data.build_dataset("ytvos", str(tmp_path), "valid", train=True)[0]
+
+
+def davis_fixture(root, layout):
+    """Ref-DAVIS17 valid in ReferFormer's layout (tools/data/convert_davis_to_ytvos.py: palette Annotations, 4 expressions
+    per object) or in Sa2VA's/VISA's (valid/mask_dict.pkl, one RLE list per expression numbered over string-sorted
+    videos and exp_ids, Sa2VA tools/eval/eval_davis.py get_meta_exp; RLEs as VISA refytvos_utils.py encode_anno_mask)."""
+    frames = ["00000", "00001", "00002"]
+    videos = {}
+    for vid, objects in (("bike-packing", (1, 2)), ("dogs-jump", (1, 2, 3))):
+        exps = [{"exp": f"{vid} object {o} by annotator {a} ({kind})", "obj_id": str(o)}
+                for o in objects for a in (1, 2) for kind in ("first", "full")]
+        videos[vid] = {"expressions": {str(i): e for i, e in enumerate(exps)}, "frames": frames}
+        for t, f in enumerate(frames):
+            save_jpg(str(root / "valid" / "JPEGImages" / vid / f"{f}.jpg"))
+            if layout == "referformer":
+                palette_png(str(root / "valid" / "Annotations" / vid / f"{f}.png"), object_frames(t))
+    write_meta(root / "meta_expressions" / "valid" / "meta_expressions.json", videos)
+    if layout == "sa2va":
+        mask_dict, count = {}, 0
+        for vid in sorted(videos):
+            for exp_id in sorted(videos[vid]["expressions"]):
+                obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
+                mask_dict[str(count)] = [mask_utils.encode(np.asfortranarray((object_frames(t) == obj).astype(np.uint8)))
+                                         if (object_frames(t) == obj).any() else None for t in range(3)]
+                count += 1
+        pickle.dump(mask_dict, open(root / "valid" / "mask_dict.pkl", "wb"))
+    return videos
+
+
+@pytest.mark.parametrize("layout", ["referformer", "sa2va"])
+def test_davis17_valid_in_both_layouts(tmp_path, layout):
+    """Ref-DAVIS17 valid: 2 videos with 2 and 3 objects -> 8 + 12 expressions (both annotators pooled); GT = palette == obj_id."""
+    videos = davis_fixture(tmp_path / "davis17", layout)
+    ds = data.build_dataset("davis17", str(tmp_path))  # default split: valid
+    assert len(ds) == 20
+    for s in ds:
+        vid, exp_id = s["id"].split("/")
+        obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
+        assert s["exprs"] == [videos[vid]["expressions"][exp_id]["exp"]]
+        expected = np.stack([object_frames(t) == obj for t in range(3)])
+        assert np.array_equal(s["load_masks"](range(3)).numpy(), expected), s["id"]  # object 3: absent after frame 0
+
+
+def two_fish(t):
+    """Frame t of a MeViS/ReVOS fixture video: fish 7 leaves after frame 0, fish 8 stays."""
     a, b = np.zeros((24, 32), bool), np.zeros((24, 32), bool)
-    a[:5, :5], b[10:15, 10:15] = True, True
-    mask_dict = {"7": [data.rle_encode(a), None], "8": [data.rle_encode(b), data.rle_encode(b)]}
-    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the two fish", "obj_id": [0, 1], "anno_id": [7, 8]},
-                                             "1": {"exp": "one fish", "obj_id": [1], "anno_id": [8]}}, "frames": frames}}}
-    os.makedirs(folder)
-    json.dump(meta, open(folder / "meta_expressions.json", "w"))
-    json.dump(mask_dict, open(folder / "mask_dict.json", "w"))
+    a[:5, :5], b[10:15, 10 + t:15 + t] = True, True
+    return a if t == 0 else None, b
+
+
+def mevis_fixture(root, split, with_masks=True):
+    """MeViS (henghuiding/MeViS README): <split>/JPEGImages, meta_expressions.json, mask_dict.json of pycocotools
+    RLEs per anno_id and frame, None where the object is absent (valid: no mask_dict.json)."""
+    folder = root / "mevis" / split
+    frames = ["00000", "00001", "00002"]
+    meta = {"v": {"expressions": {"0": {"exp": "the two fish", "obj_id": [0, 1], "anno_id": [7, 8]},
+                                  "1": {"exp": "fish leaving", "obj_id": [0], "anno_id": [7]},
+                                  "2": {"exp": "one fish", "obj_id": [1], "anno_id": [8]}}, "frames": frames}}
+    if not with_masks:
+        meta = {"v": {"expressions": {k: {"exp": e["exp"]} for k, e in meta["v"]["expressions"].items()}, "frames": frames}}
+    write_meta(folder / "meta_expressions.json", meta)
+    if with_masks:
+        fish = [two_fish(t) for t in range(3)]
+        json.dump({"7": [official_rle(a) if a is not None else None for a, _ in fish],
+                   "8": [official_rle(b) for _, b in fish]}, open(folder / "mask_dict.json", "w"))
     for f in frames:
         save_jpg(str(folder / "JPEGImages" / "v" / f"{f}.jpg"))
-    ds = data.build_dataset("mevis", str(tmp_path), "valid_u")
-    masks = ds[0]["load_masks"]([0, 1])
-    assert masks.shape == (2, 24, 32)
-    assert torch.equal(masks[0], torch.from_numpy(a | b)) and torch.equal(masks[1], torch.from_numpy(b))
-    assert ds[1]["exprs"] == ["one fish"]
-    json.dump({"7": [None, None]}, open(folder / "mask_dict.json", "w"))
-    with pytest.raises(ValueError, match="anno_id 8"):
-        data.build_dataset("mevis", str(tmp_path), "valid_u")
 
 
-def test_llava_chat_reader(tmp_path):
-    save_jpg(str(tmp_path / "llava" / "images" / "a.jpg"))
-    convo = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A grey square."}]
-    json.dump([{"id": "x", "image": "a.jpg", "conversations": convo}], open(tmp_path / "llava" / "train.json", "w"))
-    s = data.build_dataset("llava", str(tmp_path), "train")[0]
-    assert s["conversation"] == convo and s["masks"].shape[0] == 0
+def test_mevis_gt_is_the_union_of_anno_ids_and_absent_objects_are_empty(tmp_path):
+    """MeViS valid_u (henghuiding/MeViS lmpm/data/datasets/mevis.py): GT = union over anno_ids of the RLEs, None = absent."""
+    mevis_fixture(tmp_path, "valid_u")
+    ds = data.build_dataset("mevis", str(tmp_path))  # default split: valid_u
+    assert [s["exprs"][0] for s in ds] == ["the two fish", "fish leaving", "one fish"]
+    fish = [two_fish(t) for t in range(3)]
+    union = np.stack([(a if a is not None else False) | b for a, b in fish])
+    assert np.array_equal(ds[0]["load_masks"](range(3)).numpy(), union)
+    leaving = ds[1]["load_masks"](range(3)).numpy()
+    assert leaving[0].sum() == 25 and not leaving[1:].any() and leaving.shape == (3, 24, 32)
+
+
+def test_absent_objects_train_as_empty_masks(tmp_path):
+    """Sa2VA sa2va_data_03_refvos.py decode_mask: a None frame of mask_dict is an all-zero mask, never a skipped sample."""
+    mevis_fixture(tmp_path, "train")
+    json.dump({"7": [None, None, None], "8": [official_rle(two_fish(t)[1]) for t in range(3)]},
+              open(tmp_path / "mevis" / "train" / "mask_dict.json", "w"))
+    s = data.build_dataset("mevis", str(tmp_path), "train", train=True)[1]  # "fish leaving": absent in every frame
+    assert s["masks"].shape == (1, 3, 24, 32) and not s["masks"].any()
+
+
+def test_mevis_valid_has_no_ground_truth(tmp_path):
+    """MeViS valid ships frames and expressions only (henghuiding/MeViS README, 'Val set')."""
+    mevis_fixture(tmp_path, "valid", with_masks=False)
+    ds = data.build_dataset("mevis", str(tmp_path), "valid")
+    assert len(ds) == 3 and all(s["load_masks"] is None for s in ds)
+
+
+def revos_fixture(root):
+    """ReVOS as released (cilinyan/ReVOS-api README 'File Structure'): JPEGImages/, mask_dict.json,
+    mask_dict_foreground.json ({vid: {"masks_rle": [RLE per frame]}}) and meta_expressions_{train,valid}_.json at the
+    root; expressions carry anno_id, obj_id and type_id (0 referring, 1 reasoning; VISA tools/eval_revos.py)."""
+    root = root / "revos"
+    frames = ["00000", "00001", "00002"]
+    fish = [two_fish(t) for t in range(3)]
+    expressions = {"0": {"exp": "the fish that swims away", "obj_id": [0], "anno_id": [7], "type_id": 0},
+                   "1": {"exp": "which fish would a cat catch first?", "obj_id": [1], "anno_id": [8], "type_id": 1},
+                   "2": {"exp": "all the fish", "obj_id": [0, 1], "anno_id": [7, 8], "type_id": 0}}
+    write_meta(root / "meta_expressions_valid_.json", {"vval": {"expressions": expressions, "frames": frames}})
+    write_meta(root / "meta_expressions_train_.json", {"vtrain": {"expressions": {"0": expressions["2"]}, "frames": frames}})
+    json.dump({"7": [official_rle(a) if a is not None else None for a, _ in fish],
+               "8": [official_rle(b) for _, b in fish]}, open(root / "mask_dict.json", "w"))
+    foreground = [(a if a is not None else False) | b for a, b in fish]
+    foreground[1] = foreground[1].copy()
+    foreground[1][20:, 20:] = True  # an object no expression refers to
+    json.dump({v: {"masks_rle": [official_rle(m) for m in foreground]} for v in ("vval", "vtrain")},
+              open(root / "mask_dict_foreground.json", "w"))
+    for vid in ("vval", "vtrain"):
+        for f in frames:
+            save_jpg(str(root / "JPEGImages" / vid / f"{f}.jpg"))
+    return fish, foreground
+
+
+def test_revos_reads_the_official_root_layout(tmp_path):
+    """ReVOS valid (cilinyan/ReVOS-api README): 3 expressions with type_id, GT = union of anno_ids, foreground per video."""
+    fish, foreground = revos_fixture(tmp_path)
+    ds = data.build_dataset("revos", str(tmp_path))  # default split: valid
+    assert [(s["id"], s["type_id"]) for s in ds] == [("vval/0", 0), ("vval/1", 1), ("vval/2", 0)]
+    empty = np.zeros((24, 32), bool)
+    assert np.array_equal(ds[0]["load_masks"](range(3)).numpy(), np.stack([fish[0][0], empty, empty]))
+    assert np.array_equal(ds[2]["load_masks"](range(3)).numpy(), np.stack([(a if a is not None else empty) | b for a, b in fish]))
+    assert np.array_equal(ds[1]["load_foreground"](range(3)).numpy(), np.stack(foreground))
+    train = data.build_dataset("revos", str(tmp_path), train=True)
+    assert len(train) == 1 and train[0]["masks"].shape == (1, 3, 24, 32)
+
+
+def test_llava_records_with_and_without_an_image(tmp_path):
+    """LLaVA train.py LazySupervisedDataset: a record without "image" is text-only; preprocess_multimodal moves <image> to the front."""
+    save_jpg(str(tmp_path / "llava" / "coco" / "train2017" / "000000000009.jpg"))
+    records = [{"id": "img", "image": "coco/train2017/000000000009.jpg",
+                "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A grey square."}]},
+               {"id": "txt", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}]
+    json.dump(records, open(tmp_path / "llava" / "llava_v1_5_mix665k.json", "w"))
+    ds = data.build_dataset("llava", str(tmp_path), train=True)
+    with_image, text_only = ds[0], ds[1]
+    assert with_image["conversation"][0]["value"] == "<image>\nWhat is it?" and len(with_image["frames"]) == 1
+    assert text_only["frames"] == [] and text_only["conversation"] == records[1]["conversations"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import eval as ev
 import salma
 
@@ -181,26 +180,17 @@ def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_
         proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}")
         assert proc.returncode == 0, proc.stderr
         metrics = json.load(open(out / "metrics.json"))
-        assert metrics["N"] == 3 and metrics["mba"] == (mba == "True") and 0 <= metrics["cIoU"] <= 100
+        assert metrics["N"] == 5 and metrics["mba"] == (mba == "True") and 0 <= metrics["cIoU"] <= 100
 
 
 def test_eval_mevis_fixture(trained, tmp_path):
-    folder = tmp_path / "mevis" / "valid_u"
-    os.makedirs(folder)
-    frames = ["0", "1", "2"]
-    a = np.zeros((24, 32), bool)
-    a[:8, :8] = True
-    from test_data import save_jpg
+    from test_data import mevis_fixture
 
-    json.dump({"7": [data.rle_encode(a)] * 3, "8": [None, data.rle_encode(~a), None]}, open(folder / "mask_dict.json", "w"))
-    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the fish", "anno_id": [7, 8]}}, "frames": frames}}}
-    json.dump(meta, open(folder / "meta_expressions.json", "w"))
-    for f in frames:
-        save_jpg(str(folder / "JPEGImages" / "v" / f"{f}.jpg"))
+    mevis_fixture(tmp_path, "valid_u")
     proc = run_eval("--dataset=mevis", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
-    assert metrics["N"] == 1 and {"J", "F", "J&F"} <= set(metrics)
+    assert metrics["N"] == 3 and {"J", "F", "J&F"} <= set(metrics)
 
 
 def test_eval_ytvos_writes_the_submission_zip(trained, tmp_path):
