@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 import zipfile
 from dataclasses import asdict
@@ -44,28 +45,34 @@ def intersection_union(pred, gt):
 
 
 class RefSegMeter:
-    """cIoU = sum I / sum U, gIoU = mean IoU (empty/empty = 1), cIoU by GT area ratio (Table 4)."""
+    """cIoU = sum I / sum U, gIoU = mean IoU (empty/empty = 1), cIoU by GT area ratio (Table 4).
+
+    A missing prediction (None: the answer had no [SEG]) is left out of cIoU and counts 0 in gIoU, as
+    Sa2VA's RES evaluation does (projects/llava_sam2/evaluation/dataset/RES.py evaluate); "missing" counts them.
+    """
 
     BUCKETS = {"<1%": 0.01, "<2%": 0.02, "<5%": 0.05, "all": math.inf}
 
     def __init__(self):
-        self.records = []  # (I, U, area ratio)
+        self.records = []  # (I, U, area ratio, missing)
 
     def add(self, pred, gt):
-        """Add one expression's prediction (None counts as an empty mask) and ground truth."""
+        """Add one expression's prediction (None = missing) and ground truth."""
         i, u = intersection_union(pred, gt)
-        self.records.append((i, u, float(np.asarray(gt, dtype=bool).mean())))
+        self.records.append((i, u, float(np.asarray(gt, dtype=bool).mean()), pred is None))
 
     def result(self):
-        """Dict of cIoU, gIoU, N and the stratified cIoU with N per bucket (percent)."""
-        out = {"N": len(self.records)}
+        """Dict of cIoU, gIoU, N, missing and the stratified cIoU with N per bucket (percent)."""
+        out = {"N": len(self.records), "missing": sum(r[3] for r in self.records)}
         if not self.records:
             return out
-        inter, union, ratio = map(np.array, zip(*self.records))
-        out["cIoU"] = 100 * inter.sum() / max(union.sum(), 1)
-        out["gIoU"] = 100 * np.where(union == 0, 1.0, inter / np.maximum(union, 1)).mean()
+        inter, union, ratio, missing = map(np.array, zip(*self.records))
+        iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+        scored = ~missing
+        out["cIoU"] = 100 * inter[scored].sum() / max(union[scored].sum(), 1)
+        out["gIoU"] = 100 * np.where(missing, 0.0, iou).mean()
         for name, limit in self.BUCKETS.items():
-            keep = ratio < limit
+            keep = scored & (ratio < limit)
             out[f"cIoU{name}"] = 100 * inter[keep].sum() / max(union[keep].sum(), 1) if keep.any() else float("nan")
             out[f"N{name}"] = int(keep.sum())
         return out
@@ -130,7 +137,11 @@ def f_measure(gt, pred, bound_th=0.008):
 
 
 class JFMeter:
-    """Per expression: mean J and mean F over all its frames; J&F = (mean J + mean F) / 2 over expressions."""
+    """Per expression: mean J and mean F over all its frames; J&F = (mean J + mean F) / 2 over expressions.
+
+    On Ref-DAVIS17 every expression of both annotators is one entry (pooled), which is exactly what Sa2VA's
+    tools/eval/eval_davis.py computes; MeViS valid_u as the MeViS evaluator.
+    """
 
     def __init__(self):
         self.per_expression = {}
@@ -149,6 +160,47 @@ class JFMeter:
             return {"N": 0}
         j, f = map(np.array, zip(*self.per_expression.values()))
         return {"J": 100 * j.mean(), "F": 100 * f.mean(), "J&F": 100 * (j.mean() + f.mean()) / 2, "N": len(j)}
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: ReVOS, as VISA's evaluator (tools/eval_revos.py, tools/metrics.py)
+
+
+def accuracy(gt, pred):
+    """A: the fraction of pixels where prediction and GT agree (get_r2vos_accuracy)."""
+    return float((np.asarray(gt, dtype=bool) == np.asarray(pred, dtype=bool)).mean())
+
+
+def robustness(gt, pred, foreground):
+    """R of one frame: max(1 - |pred and not GT| / (|foreground| + 1e-6), 0) (get_r2vos_robustness).
+
+    foreground: every annotated object of the frame (mask_dict_foreground.json). VISA computes the false
+    positives with uint8 arithmetic, (1 - gt) * pred, which counts the same pixels on 0/1 masks.
+    """
+    gt, pred = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+    false_positives = int((pred & ~gt).sum())
+    return max(1.0 - false_positives / (int(np.asarray(foreground, dtype=bool).sum()) + 1e-6), 0.0)
+
+
+REVOS_SUBSETS = {0: "referring", 1: "reasoning"}  # type_id in meta_expressions_valid_.json
+
+
+def revos_summary(rows):
+    """VISA's table: per subset the mean J, F, A, R over its expressions (percent) and J&F = (J + F) / 2;
+    the overall numbers are the mean of the two subsets (not of all expressions). VISA rounds each
+    expression's percentages to 2 decimals before averaging; these are the unrounded means."""
+    out = {"N": len(rows)}
+    keys = [k for k in ("J", "F", "A", "R") if rows and k in rows[0]]
+    subsets = {}
+    for type_id, name in REVOS_SUBSETS.items():
+        chosen = [r for r in rows if r["type_id"] == type_id]
+        subsets[name] = {k: 100 * float(np.mean([r[k] for r in chosen])) if chosen else float("nan") for k in keys}
+        subsets[name]["J&F"] = (subsets[name]["J"] + subsets[name]["F"]) / 2
+        out[f"N_{name}"] = len(chosen)
+    for k in keys + ["J&F"]:
+        out[k] = (subsets["referring"][k] + subsets["reasoning"][k]) / 2
+        out.update({f"{name}_{k}": subsets[name][k] for name in REVOS_SUBSETS.values()})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,15 +245,16 @@ def gather(obj):
 
 
 def run_images(model, tok, dataset, indices, args):
-    """Predict every expression of image items -> list of (id, expr, I, U, area ratio)."""
+    """Predict every expression of image items -> list of (id, expr, I, U, area ratio, missing)."""
     rows = []
     for i in tqdm(indices, desc="eval", disable=args.quiet, unit="img"):
         sample = dataset[i]
         for k, expr in enumerate(sample["exprs"]):
-            gt = sample["masks"][k, 0].numpy()
-            pred = model.segment_image(sample["frames"][0], expr, tok, force_seg=args.force_seg).cpu().numpy()
-            inter, union = intersection_union(pred, gt)
-            rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean())})
+            gt, maps = sample["masks"][k, 0].numpy(), {}
+            pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, force_seg=args.force_seg).cpu().numpy()
+            missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
+            inter, union = intersection_union(None if missing else pred, gt)
+            rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
     return rows
 
 
@@ -213,55 +266,98 @@ def video_frames(sample):
     return sample["frames"].__getitem__, len(sample["frames"])
 
 
-def run_videos(model, tok, dataset, indices, args, write_dir=None):
-    """Predict every expression of video items -> list of per-expression (id, J, F); masks to PNG if asked."""
+def run_videos(model, tok, dataset, indices, args, submission=None):
+    """Predict every expression of video items -> per-expression rows with J and F (ReVOS: also A, R, type_id),
+    or, on a split without ground truth, write the masks as submission PNGs: submission = (folder, pixel value)."""
     rows = []
     for i in tqdm(indices, desc="eval", disable=args.quiet, unit="video"):
         sample = dataset[i]
         load_frame, num_frames = video_frames(sample)
         for k, expr in enumerate(sample["exprs"]):
             preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, force_seg=args.force_seg)]
-            if write_dir is not None:
-                write_submission_masks(write_dir, sample, preds)
-            if "masks" not in sample and sample["load_masks"] is None:
-                continue  # a split without annotations (Ref-YouTube-VOS valid): submission only
+            row = {"id": f"{sample['id']}/{k}", "expr": expr}
+            if submission is not None:
+                write_submission_masks(*submission, sample, preds)
+                rows.append({**row, "frames": num_frames})
+                continue
             gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames)).numpy()
-            meter = JFMeter()
-            meter.add(sample["id"], preds, list(gts))
-            j, f = meter.per_expression[sample["id"]]
-            rows.append({"id": f"{sample['id']}/{k}", "expr": expr, "J": j, "F": f})
+            rows.append({**row, **video_scores(preds, gts, sample)})
     return rows
 
 
-def write_submission_masks(out_dir, sample, preds):
-    """Ref-YouTube-VOS submission layout: Annotations/<vid>/<exp_id>/<frame>.png with 0/255."""
-    vid, exp_id = sample["id"].split("/")
-    names = [os.path.splitext(os.path.basename(p))[0] for p in sample["frame_paths"]]
-    folder = os.path.join(out_dir, "Annotations", vid, exp_id)
-    os.makedirs(folder, exist_ok=True)
-    for name, mask in zip(names, preds):
-        Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, name + ".png"))
+def video_scores(preds, gts, sample):
+    """J and F of one expression (means over its frames); ReVOS adds A, R (with its foreground masks) and type_id."""
+    meter = JFMeter()
+    meter.add(sample["id"], preds, list(gts))
+    j, f = meter.per_expression[sample["id"]]
+    scores = {"J": j, "F": f}
+    if sample.get("type_id") is not None:
+        scores["type_id"] = sample["type_id"]
+    if sample.get("load_foreground") is not None:
+        foreground = sample["load_foreground"](range(len(preds))).numpy()
+        scores["A"] = float(np.mean([accuracy(g, p) for g, p in zip(gts, preds)]))
+        scores["R"] = float(np.mean([robustness(g, p, fg) for g, p, fg in zip(gts, preds, foreground)]))
+    return scores
+
+
+# the official submission of each video benchmark whose split ships no ground truth:
+# dataset -> (folder inside the zip, PNG value of a mask pixel, who scores it)
+SUBMISSIONS = {
+    "ytvos": ("Annotations", 255, "the Ref-YouTube-VOS challenge server (CodaLab)"),
+    "mevis": ("", 255, "the MeViS CodaLab server (codalab.lisn.upsaclay.fr/competitions/15094)"),
+    "revos": ("", 1, "VISA's tools/eval_revos.py (0/1 PNGs, as its A and R arithmetic expects)"),
+}
+
+
+def without_ground_truth(dataset):
+    """Whether an official video split ships no masks (Ref-YouTube-VOS valid, MeViS valid, ReVOS without mask_dict.json)."""
+    return isinstance(dataset, data.VideoRefDataset) and all(item["masks"] is None for item in dataset.items)
+
+
+def submission_target(args, dataset, rank):
+    """(folder, pixel value) where a split without ground truth writes its PNGs (emptied first), or None."""
+    if not without_ground_truth(dataset):
+        return None
+    if args.dataset not in SUBMISSIONS:
+        raise SystemExit(f"eval.py: {args.dataset} {args.split} under {args.data_root} has no ground truth and no "
+                         f"submission server. Needs {DOWNLOAD_HINTS[args.dataset].replace('DATA', args.data_root)}.")
+    root = os.path.join(args.out_dir, "submission")
+    if rank == 0 and os.path.isdir(root):
+        shutil.rmtree(root)  # a previous run's PNGs never end up in this zip
+    if dist.is_initialized():
+        dist.barrier()
+    inside, value, _ = SUBMISSIONS[args.dataset]
+    return os.path.join(root, inside), value
+
+
+def write_submission_masks(folder, value, sample, preds):
+    """One expression's masks as folder/<video>/<exp_id>/<frame>.png (single-channel, 0 / value)."""
+    out = os.path.join(folder, sample["video"], sample["exp_id"])
+    os.makedirs(out, exist_ok=True)
+    for name, mask in zip(sample["frame_names"], preds):
+        Image.fromarray(mask.astype(np.uint8) * value).save(os.path.join(out, name + ".png"))
 
 
 def zip_submission(out_dir):
-    """Zip out_dir/Annotations into out_dir/submission.zip."""
-    path = os.path.join(out_dir, "submission.zip")
+    """Zip out_dir/submission/ into out_dir/submission.zip, paths relative to submission/ (sorted)."""
+    root, path = os.path.join(out_dir, "submission"), os.path.join(out_dir, "submission.zip")
+    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for folder, _, files in os.walk(os.path.join(out_dir, "Annotations")):
-            for name in files:
-                full = os.path.join(folder, name)
-                z.write(full, os.path.relpath(full, out_dir))
+        for full in files:
+            z.write(full, os.path.relpath(full, root))
     return path
 
 
 def summarize(rows, is_video):
     """The metrics of all rows (after gathering)."""
+    if is_video and rows and "type_id" in rows[0]:
+        return revos_summary(rows)
     if is_video:
         meter = JFMeter()
         meter.per_expression = {r["id"]: (r["J"], r["F"]) for r in rows}
         return meter.result()
     meter = RefSegMeter()
-    meter.records = [(r["I"], r["U"], r["area"]) for r in rows]
+    meter.records = [(r["I"], r["U"], r["area"], r["missing"]) for r in rows]
     return meter.result()
 
 
@@ -312,21 +408,26 @@ def visualize(model, tok, sample, expr, path, force_seg):
 # command line
 
 DOWNLOAD_HINTS = {
-    "refcoco": "RefCOCO/+/g: the refer-API files (instances.json, refs(unc).p / refs(umd).p) in DATA/refcoco*/ and COCO train2014 images in DATA/coco/train2014/",
-    "ytvos": "Ref-YouTube-VOS: meta_expressions/<split>/meta_expressions.json and <split>/JPEGImages (+ Annotations for train) in DATA/ytvos/",
-    "davis17": "Ref-DAVIS17 in the Ref-YouTube-VOS layout in DATA/davis17/",
-    "mevis": "MeViS: <split>/meta_expressions.json, <split>/mask_dict.json, <split>/JPEGImages in DATA/mevis/",
+    "refcoco": "RefCOCO/+/g in the refer-API layout (github.com/lichengunc/refer): DATA/refcoco*/instances.json and refs(unc).p / refs(umd).p, COCO train2014 images in DATA/coco/train2014/",
+    "ytvos": "the Ref-YouTube-VOS 2021 challenge files (youtube-vos.org/dataset/rvos): DATA/ytvos/meta_expressions/{train,valid,test}/meta_expressions.json, DATA/ytvos/<split>/JPEGImages (+ Annotations for train)",
+    "davis17": "Ref-DAVIS17 as ReferFormer's tools/data/convert_davis_to_ytvos.py writes it (DATA/davis17/meta_expressions/valid/meta_expressions.json, valid/JPEGImages, valid/Annotations) or as Sa2VA ships it (valid/mask_dict.pkl instead of Annotations)",
+    "mevis": "MeViS from its CodaLab page (github.com/henghuiding/MeViS): DATA/mevis/<split>/meta_expressions.json, JPEGImages and mask_dict.json (train, valid_u)",
+    "revos": "ReVOS as released (github.com/cilinyan/ReVOS-api): DATA/revos/JPEGImages, mask_dict.json, mask_dict_foreground.json, meta_expressions_{train,valid}_.json",
     "ckpt": "a checkpoint: an official Sa2VA-1B directory (config.json, model.safetensors, tokenizer files), an exported SALMA one, or a train.py --out_dir",
 }
-DATASETS = ("synthetic", "synthetic_video", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos")
-VIDEO_DATASETS = ("synthetic_video", "davis17", "mevis", "ytvos")
+DATASETS = ("synthetic", "synthetic_video", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos")
+VIDEO_DATASETS = ("synthetic_video", "davis17", "mevis", "ytvos", "revos")
 
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="benchmark (default synthetic)")
-    p.add_argument("--split", default="", help="split (default: the official evaluation split: val for refcoco*, valid_u for mevis, valid for ytvos, davis17, revos)")
+    datasets = "\n".join(f"  {name:8s} {hint}" for name, hint in DOWNLOAD_HINTS.items() if name != "ckpt")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Datasets (--data_root DATA, each read in its official layout):\n{datasets}")
+    p.add_argument("--dataset", default="synthetic", choices=DATASETS,
+                   help="benchmark (default synthetic); the files each one needs are listed under Datasets below")
+    p.add_argument("--split", default="", help="split, by its official name (default: val for refcoco*, valid_u for mevis, valid for "
+                   "ytvos, davis17, revos); a split without ground truth (ytvos valid, mevis valid) writes the official submission zip")
     p.add_argument("--ckpt", default="", help="official-layout directory or train.py --out_dir ('' = random tiny model)")
     p.add_argument("--data_root", default="", help="folder holding the datasets (README: Data)")
     p.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="preset for sizes not in the checkpoint")
@@ -353,7 +454,7 @@ def build_eval_dataset(args):
         raise SystemExit(f"eval.py: --data_root {args.data_root!r} is not a directory. Needs {hint.replace('DATA', '<data_root>')}.")
     try:
         return data.build_dataset(args.dataset, args.data_root, args.split)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}. Needs {hint.replace('DATA', args.data_root)}.") from None
 
 
@@ -384,22 +485,24 @@ def main(argv=None):
             print(f"wrote {path}")
         return
     is_video = args.dataset in VIDEO_DATASETS
+    submission = submission_target(args, dataset, rank)
     start = time.time()
     indices = shard(n, rank, world)
     with torch.inference_mode():
         if is_video:
-            rows = run_videos(model, tok, dataset, indices, args, write_dir=args.out_dir if args.dataset == "ytvos" else None)
+            rows = run_videos(model, tok, dataset, indices, args, submission)
         else:
             rows = run_images(model, tok, dataset, indices, args)
     rows = gather(rows)
     if rank != 0:
         return
-    metrics = summarize(rows, is_video)
+    if submission is not None:
+        metrics = {"submission": zip_submission(args.out_dir), "expressions": len(rows), "scored_by": SUBMISSIONS[args.dataset][2]}
+    else:
+        metrics = summarize(rows, is_video)
     elapsed = time.time() - start
     metrics.update(dataset=args.dataset, split=args.split, ckpt=args.ckpt, mba=model.cfg.mba, items=n)
     speed = {"items_per_s": n / max(elapsed, 1e-9), "seconds": elapsed, "peak_host_gib": peak_host_memory_gib()}
-    if args.dataset == "ytvos":
-        metrics["submission"] = zip_submission(args.out_dir)
     with open(os.path.join(args.out_dir, "predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
@@ -408,6 +511,8 @@ def main(argv=None):
         json.dump(speed, f, indent=2)
     print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in {**metrics, **speed}.items()))
     print(f"wrote {os.path.join(args.out_dir, 'metrics.json')} and speed.json")
+    if submission is not None:
+        print(f"{args.split} has no ground truth: wrote {metrics['submission']} ({len(rows)} expressions); score it with {metrics['scored_by']}")
     if data.WARNINGS:
         print("data problems handled:", dict(data.WARNINGS))
     return metrics

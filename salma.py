@@ -896,6 +896,8 @@ class SALMA(nn.Module):
         text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg)
         w, h = image.size
         if z_seg.shape[0] == 0:
+            if maps is not None:
+                maps["no_seg"] = True  # evaluations count a missing prediction apart from an empty one
             return torch.zeros(h, w, dtype=torch.bool)
         images = sam_pixels([image], self.cfg.sam_image_size).to(self.device, z_seg.dtype)
         enc = self.grounding.encode_image(images)

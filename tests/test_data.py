@@ -283,29 +283,32 @@ def test_ytvos_valid_drops_the_test_videos_and_has_no_ground_truth(tmp_path):
 
 
 def davis_fixture(root, layout):
-    """Ref-DAVIS17 valid in ReferFormer's layout (tools/data/convert_davis_to_ytvos.py: palette Annotations, 4 expressions
-    per object) or in Sa2VA's/VISA's (valid/mask_dict.pkl, one RLE list per expression numbered over string-sorted
-    videos and exp_ids, Sa2VA tools/eval/eval_davis.py get_meta_exp; RLEs as VISA refytvos_utils.py encode_anno_mask)."""
+    """Ref-DAVIS17 train and valid in ReferFormer's layout (tools/data/convert_davis_to_ytvos.py: palette Annotations,
+    4 expressions per object) or in Sa2VA's/VISA's (<split>/mask_dict.pkl, one RLE list per expression numbered over
+    string-sorted videos and exp_ids, Sa2VA tools/eval/eval_davis.py get_meta_exp; RLEs as VISA
+    utils/d2_datasets/refytvos_utils.py encode_anno_mask). Returns the valid videos' meta."""
     frames = ["00000", "00001", "00002"]
-    videos = {}
-    for vid, objects in (("bike-packing", (1, 2)), ("dogs-jump", (1, 2, 3))):
-        exps = [{"exp": f"{vid} object {o} by annotator {a} ({kind})", "obj_id": str(o)}
-                for o in objects for a in (1, 2) for kind in ("first", "full")]
-        videos[vid] = {"expressions": {str(i): e for i, e in enumerate(exps)}, "frames": frames}
-        for t, f in enumerate(frames):
-            save_jpg(str(root / "valid" / "JPEGImages" / vid / f"{f}.jpg"))
-            if layout == "referformer":
-                palette_png(str(root / "valid" / "Annotations" / vid / f"{f}.png"), object_frames(t))
-    write_meta(root / "meta_expressions" / "valid" / "meta_expressions.json", videos)
-    if layout == "sa2va":
-        mask_dict, count = {}, 0
-        for vid in sorted(videos):
-            for exp_id in sorted(videos[vid]["expressions"]):
-                obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
-                mask_dict[str(count)] = [mask_utils.encode(np.asfortranarray((object_frames(t) == obj).astype(np.uint8)))
-                                         if (object_frames(t) == obj).any() else None for t in range(3)]
-                count += 1
-        pickle.dump(mask_dict, open(root / "valid" / "mask_dict.pkl", "wb"))
+    for split, objects_of in (("train", {"bear": (1,)}), ("valid", {"bike-packing": (1, 2), "dogs-jump": (1, 2, 3)})):
+        videos = {}
+        for vid, objects in objects_of.items():
+            exps = [{"exp": f"{vid} object {o} by annotator {a} ({kind})", "obj_id": str(o)}
+                    for o in objects for a in (1, 2) for kind in ("first", "full")]
+            videos[vid] = {"expressions": {str(i): e for i, e in enumerate(exps)}, "frames": frames}
+            for t, f in enumerate(frames):
+                save_jpg(str(root / split / "JPEGImages" / vid / f"{f}.jpg"))
+                if layout == "referformer":
+                    palette_png(str(root / split / "Annotations" / vid / f"{f}.png"), object_frames(t))
+        write_meta(root / "meta_expressions" / split / "meta_expressions.json", videos)
+        if layout == "sa2va":
+            mask_dict, count = {}, 0
+            for vid in sorted(videos):
+                for exp_id in sorted(videos[vid]["expressions"]):
+                    obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
+                    masks = [object_frames(t) == obj for t in range(3)]
+                    mask_dict[str(count)] = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) if m.any() else None
+                                             for m in masks]
+                    count += 1
+            pickle.dump(mask_dict, open(root / split / "mask_dict.pkl", "wb"))
     return videos
 
 
@@ -415,17 +418,55 @@ def test_revos_reads_the_official_root_layout(tmp_path):
     assert len(train) == 1 and train[0]["masks"].shape == (1, 3, 24, 32)
 
 
-def test_llava_records_with_and_without_an_image(tmp_path):
-    """LLaVA train.py LazySupervisedDataset: a record without "image" is text-only; preprocess_multimodal moves <image> to the front."""
-    save_jpg(str(tmp_path / "llava" / "coco" / "train2017" / "000000000009.jpg"))
+def llava_fixture(root):
+    """LLaVA-1.5 (haotian-liu/LLaVA README, Visual Instruction Tuning): llava_v1_5_mix665k.json + image folders such as
+    coco/train2017; some records have no "image" (text-only conversations)."""
+    save_jpg(str(root / "llava" / "coco" / "train2017" / "000000000009.jpg"))
     records = [{"id": "img", "image": "coco/train2017/000000000009.jpg",
                 "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A grey square."}]},
                {"id": "txt", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}]
-    json.dump(records, open(tmp_path / "llava" / "llava_v1_5_mix665k.json", "w"))
+    json.dump(records, open(root / "llava" / "llava_v1_5_mix665k.json", "w"))
+    return records
+
+
+def test_llava_records_with_and_without_an_image(tmp_path):
+    """LLaVA train.py LazySupervisedDataset: a record without "image" is text-only; preprocess_multimodal moves <image> to the front."""
+    records = llava_fixture(tmp_path)
     ds = data.build_dataset("llava", str(tmp_path), train=True)
     with_image, text_only = ds[0], ds[1]
     assert with_image["conversation"][0]["value"] == "<image>\nWhat is it?" and len(with_image["frames"]) == 1
     assert text_only["frames"] == [] and text_only["conversation"] == records[1]["conversations"]
+
+
+def official_fixtures(root):
+    """Every dataset's fixture under one --data_root, each in its official layout."""
+    refcoco_fixture(root)
+    ytvos_fixture(root / "ytvos")
+    davis_fixture(root / "davis17", "referformer")
+    mevis_fixture(root, "train")
+    revos_fixture(root)
+    llava_fixture(root)
+
+
+TRAIN_MIX = "refcocog:1,ytvos:1,davis17:1,mevis:1,revos:1,llava:1"
+
+
+def test_every_official_train_split_gives_training_batches(tmp_path):
+    """Each item of each official-layout train split makes a batch the model trains on (loss finite, gradients flow)."""
+    import losses
+    import salma
+
+    official_fixtures(tmp_path)
+    mix = data.build_train_mix(TRAIN_MIX, str(tmp_path))
+    assert [len(p) for p in mix.parts] == [1, 2, 4, 3, 1, 2]  # refcocog, ytvos, davis17, mevis, revos, llava
+    cfg = salma.Config.from_preset("tiny")
+    model, tok = salma.build_salma(cfg)
+    for i in range(len(mix)):
+        batch = data.make_train_batch([mix[i]], tok, model.cfg, [i])
+        loss, _ = losses.total_loss(losses.salma_loss_parts(model(batch), batch, losses.LossConfig()), losses.LossConfig(), 1.0)
+        assert torch.isfinite(loss), i
+        loss.backward()
+    assert model.text_hidden_fcs[0].weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,3 +499,19 @@ def test_sampler_resumes_exactly_across_epochs():
     rest_b = [x for x, _ in zip(iter(b), range(9))]
     rest_a = [next(stream) for _ in range(9)]
     assert rest_a == rest_b and sorted(first[:7]) == list(range(7))
+
+
+def test_train_py_runs_on_the_official_mix(tmp_path):
+    """train.py --data=<every dataset> on the official-layout fixtures: steps logged, checkpoint written."""
+    import subprocess
+    import sys
+
+    official_fixtures(tmp_path / "data")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--data={TRAIN_MIX}", f"--data_root={tmp_path / 'data'}",
+                           "--max_steps=4", "--batch_size=2", "--save_every=4", f"--out_dir={out}"],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [1, 2, 3, 4] and os.path.isfile(out / "ckpt.pt")

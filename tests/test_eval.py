@@ -29,15 +29,17 @@ def box(h, w, y0, y1, x0, x1):
 
 
 def test_ciou_giou_hand_computed_with_edge_cases():
+    """A missing prediction is left out of cIoU and counts 0 in gIoU: Sa2VA projects/llava_sam2/evaluation/dataset/RES.py evaluate."""
     meter = ev.RefSegMeter()
     meter.add(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 2, 0, 4))  # I=4, U=8 -> 0.5
     meter.add(np.zeros((10, 10), bool), np.zeros((10, 10), bool))  # both empty -> IoU 1, I=U=0
-    meter.add(None, box(10, 10, 9, 10, 9, 10))  # missing prediction = empty; one-pixel GT at the border -> 0
+    meter.add(None, box(10, 10, 9, 10, 9, 10))  # missing: not in cIoU, 0 in gIoU
     meter.add(box(10, 10, 0, 10, 0, 10), np.zeros((10, 10), bool))  # empty GT, full prediction -> 0, U=100
     r = meter.result()
-    assert r["N"] == 4
-    assert r["cIoU"] == pytest.approx(100 * 4 / (8 + 0 + 1 + 100))
+    assert r["N"] == 4 and r["missing"] == 1
+    assert r["cIoU"] == pytest.approx(100 * 4 / (8 + 0 + 100))
     assert r["gIoU"] == pytest.approx(100 * (0.5 + 1 + 0 + 0) / 4)
+    assert r["Nall"] == 3
 
 
 def test_ciou_by_area_buckets():
@@ -125,6 +127,38 @@ def test_jf_meter_averages_per_expression_over_all_frames():
 
 
 # ---------------------------------------------------------------------------------------------
+# ReVOS: A and R as VISA's evaluator
+
+
+def visa_accuracy_robustness(gt, pred, foreground):
+    """VISA tools/metrics.py get_r2vos_accuracy / get_r2vos_robustness, on uint8 0/1 masks as tools/eval_revos.py builds them."""
+    gt, pred, foreground = (m.astype(np.uint8) for m in (gt, pred, foreground))
+    neg = ((1 - gt) * pred).sum()
+    return np.mean(gt == pred), max(1 - neg / (foreground.sum() + 1e-6), 0.0)
+
+
+def test_accuracy_and_robustness_match_visa():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        gt = rng.random((20, 30)) < 0.2
+        foreground = gt | (rng.random((20, 30)) < rng.random())
+        pred = rng.random((20, 30)) < rng.random() * 0.5
+        a, r = visa_accuracy_robustness(gt, pred, foreground)
+        assert ev.accuracy(gt, pred) == pytest.approx(a) and ev.robustness(gt, pred, foreground) == pytest.approx(r)
+    assert ev.robustness(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 10, 0, 10), box(10, 10, 0, 2, 0, 5)) == 0.0  # clipped at 0
+
+
+def test_revos_summary_averages_the_two_subsets():
+    """VISA tools/eval_revos.py: per subset (type_id 0 referring, 1 reasoning) means; overall = mean of the two subset means."""
+    rows = [{"type_id": 0, "J": 0.2, "F": 0.4, "A": 0.9, "R": 0.5}, {"type_id": 0, "J": 0.4, "F": 0.6, "A": 0.7, "R": 0.7},
+            {"type_id": 1, "J": 0.9, "F": 1.0, "A": 1.0, "R": 1.0}]
+    r = ev.summarize(rows, is_video=True)
+    assert r["referring_J"] == pytest.approx(30) and r["referring_J&F"] == pytest.approx(40) and r["reasoning_R"] == pytest.approx(100)
+    assert r["J"] == pytest.approx((30 + 90) / 2) and r["J&F"] == pytest.approx((40 + 95) / 2) and r["R"] == pytest.approx((60 + 100) / 2)
+    assert (r["N"], r["N_referring"], r["N_reasoning"]) == (3, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # end to end: a tiny trained checkpoint on synthetic, RefCOCOg and MeViS fixtures, the YTVOS zip
 
 
@@ -193,20 +227,68 @@ def test_eval_mevis_fixture(trained, tmp_path):
     assert metrics["N"] == 3 and {"J", "F", "J&F"} <= set(metrics)
 
 
-def test_eval_ytvos_writes_the_submission_zip(trained, tmp_path):
-    from test_data import save_jpg
+def zip_contents(path):
+    """{name: set of pixel values} of the PNGs in a submission zip."""
+    from PIL import Image
 
-    root = tmp_path / "ytvos"
-    frames = ["00000", "00005"]
-    os.makedirs(root / "meta_expressions" / "valid")
-    meta = {"videos": {"vid1": {"expressions": {"0": {"exp": "a dog"}, "1": {"exp": "a cat"}}, "frames": frames}}}
-    json.dump(meta, open(root / "meta_expressions" / "valid" / "meta_expressions.json", "w"))
-    for f in frames:
-        save_jpg(str(root / "valid" / "JPEGImages" / "vid1" / f"{f}.jpg"))
+    with zipfile.ZipFile(path) as z:
+        return {name: set(np.unique(np.array(Image.open(z.open(name)))).tolist()) for name in z.namelist()}
+
+
+def test_eval_ytvos_valid_writes_the_challenge_zip(trained, tmp_path):
+    """Ref-YouTube-VOS valid (ReferFormer inference_ytvos.py): the test videos are dropped; the zip holds
+    Annotations/<video>/<exp_id>/<frame>.png with 0/255 masks."""
+    from test_data import ytvos_fixture
+
+    frames = ytvos_fixture(tmp_path / "ytvos")
     proc = run_eval("--dataset=ytvos", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
-    names = sorted(zipfile.ZipFile(tmp_path / "out" / "submission.zip").namelist())
-    assert names == [f"Annotations/vid1/{e}/{f}.png" for e in ("0", "1") for f in frames]
+    contents = zip_contents(tmp_path / "out" / "submission.zip")
+    assert sorted(contents) == [f"Annotations/vval/{e}/{f}.png" for e in ("0", "1") for f in frames[:2]]
+    assert set().union(*contents.values()) <= {0, 255}
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert "N" not in metrics and metrics["expressions"] == 2 and "submission.zip" in proc.stdout
+
+
+def test_eval_mevis_valid_writes_the_codalab_zip(trained, tmp_path):
+    """MeViS valid (henghuiding/MeViS README, CodaLab guideline): <video>/<exp_id>/<frame>.png at the zip root."""
+    from test_data import mevis_fixture
+
+    mevis_fixture(tmp_path, "valid", with_masks=False)
+    proc = run_eval("--dataset=mevis", "--split=valid", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    assert proc.returncode == 0, proc.stderr
+    contents = zip_contents(tmp_path / "out" / "submission.zip")
+    assert sorted(contents) == [f"v/{e}/{f:05d}.png" for e in ("0", "1", "2") for f in range(3)]
+    assert set().union(*contents.values()) <= {0, 255} and "submission.zip" in proc.stdout
+
+
+def test_eval_davis17_sa2va_layout(trained, tmp_path):
+    """Ref-DAVIS17 valid from Sa2VA's valid/mask_dict.pkl, scored per expression over all frames (Sa2VA tools/eval/eval_davis.py)."""
+    from test_data import davis_fixture
+
+    davis_fixture(tmp_path / "davis17", "sa2va")
+    proc = run_eval("--dataset=davis17", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}",
+                    "--force_seg=True", "--limit=3")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert metrics["N"] == 3 and metrics["split"] == "valid"
+    assert metrics["J&F"] == pytest.approx(100 * (np.mean([r["J"] for r in rows]) + np.mean([r["F"] for r in rows])) / 2)
+
+
+def test_eval_revos_scores_both_subsets_with_robustness(trained, tmp_path):
+    """ReVOS valid in the released layout (cilinyan/ReVOS-api), scored as VISA tools/eval_revos.py."""
+    from test_data import revos_fixture
+
+    revos_fixture(tmp_path)
+    proc = run_eval("--dataset=revos", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert (metrics["N"], metrics["N_referring"], metrics["N_reasoning"]) == (3, 2, 1)
+    assert [r["type_id"] for r in rows] == [0, 1, 0] and all(0 <= r["R"] <= 1 for r in rows)
+    referring = np.mean([r["R"] for r in rows if r["type_id"] == 0])
+    assert metrics["R"] == pytest.approx(100 * (referring + rows[1]["R"]) / 2)
 
 
 def test_eval_without_data_says_what_to_download():
