@@ -8,7 +8,8 @@ Data: generated spatial-referring scenes (the default), readers for the official
 
 Every dataset yields the same dict: {"id", "frames": [PIL RGB] (T), "exprs": [str] (N),
 "masks": bool (N, T, H, W), "is_video", "conversation"}; long evaluation videos give
-"frame_paths" (read lazily with load_image) and "load_masks" instead of frames and masks.
+"frame_paths" (read lazily with load_image) and "load_masks" (None on a split without ground truth)
+instead of frames and masks.
 """
 
 import json

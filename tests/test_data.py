@@ -416,6 +416,8 @@ def test_revos_reads_the_official_root_layout(tmp_path):
     assert np.array_equal(ds[1]["load_foreground"](range(3)).numpy(), np.stack(foreground))
     train = data.build_dataset("revos", str(tmp_path), train=True)
     assert len(train) == 1 and train[0]["masks"].shape == (1, 3, 24, 32)
+    os.remove(tmp_path / "revos" / "mask_dict.json")  # expressions and frames only: a split to submit
+    assert all(s["load_masks"] is None for s in data.build_dataset("revos", str(tmp_path)))
 
 
 def llava_fixture(root):

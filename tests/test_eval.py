@@ -214,7 +214,9 @@ def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_
         proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}")
         assert proc.returncode == 0, proc.stderr
         metrics = json.load(open(out / "metrics.json"))
+        rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
         assert metrics["N"] == 5 and metrics["mba"] == (mba == "True") and 0 <= metrics["cIoU"] <= 100
+        assert metrics["missing"] == sum(r["missing"] for r in rows)  # generated answers without [SEG], counted
 
 
 def test_eval_mevis_fixture(trained, tmp_path):
