@@ -220,11 +220,6 @@ def compressed(rle):
     return {"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
 
 
-def rle_mask(rle):
-    """One COCO RLE {"size": [h, w], "counts"} -> bool mask (H, W)."""
-    return torch.from_numpy(mask_utils.decode(compressed(rle)) > 0)
-
-
 def coco_mask(segmentation, h, w):
     """A COCO segmentation -> bool mask (H, W), as refer.py's getMask: frPyObjects -> decode -> union of parts.
 

@@ -122,7 +122,7 @@ def test_coco_mask_reads_compressed_and_uncompressed_rle_and_empty():
     m[1:4, 2:6] = m[6, 8] = True
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
     assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": rle["counts"].decode()}, 7, 9).numpy(), m)
-    assert np.array_equal(data.rle_mask(rle).numpy(), m)  # bytes, as Sa2VA's mask_dict.pkl stores them
+    assert np.array_equal(data.coco_mask(rle, 7, 9).numpy(), m)  # bytes, as Sa2VA's mask_dict.pkl stores them
     runs = uncompressed_counts(m)
     assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": runs}, 7, 9).numpy(), m)
     assert not data.coco_mask([], 7, 9).any() and data.coco_mask([], 7, 9).shape == (7, 9)
