@@ -417,7 +417,12 @@ def ytvos_items(root, split):
     if split != "test" and os.path.isfile(test_path):
         test_videos = set(read_json(test_path)["videos"])
         meta = {"videos": {v: x for v, x in meta["videos"].items() if v not in test_videos}}
-    return video_items(meta, os.path.join(root, split, "JPEGImages"), masks_of)
+    image_dir = os.path.join(root, split, "JPEGImages")
+    absent = [v for v in sorted(meta["videos"]) if not os.path.isdir(os.path.join(image_dir, v))]
+    if absent:
+        raise FileNotFoundError(f"{os.path.join(image_dir, absent[0])}: not found, nor the frames of {len(absent) - 1} other "
+                                f"videos; Ref-YouTube-VOS valid also lists the test videos: keep {test_path} so they are dropped")
+    return video_items(meta, image_dir, masks_of)
 
 
 def anno_masks(mask_path):

@@ -280,6 +280,9 @@ def test_ytvos_valid_drops_the_test_videos_and_has_no_ground_truth(tmp_path):
     assert all(s["load_masks"] is None for s in ds) and all(os.path.isfile(p) for p in ds[0]["frame_paths"])
     with pytest.raises(ValueError, match="no ground-truth masks"):
         data.build_dataset("ytvos", str(tmp_path), "valid", train=True)[0]
+    os.remove(tmp_path / "ytvos" / "meta_expressions" / "test" / "meta_expressions.json")
+    with pytest.raises(FileNotFoundError, match="vtest: not found.*keep .*test/meta_expressions.json"):
+        data.build_dataset("ytvos", str(tmp_path))
 
 
 def davis_fixture(root, layout):
