@@ -463,7 +463,7 @@ class LLaVAChatDataset(torch.utils.data.Dataset):
     "conversations": [{"from", "value"}]}, images relative to image_root (coco/train2017, gqa/images, ...).
 
     As LLaVA's train.py: a record without "image" is text-only chat (no frames); in a record with one, the
-    "<image>" tag is moved to the front of the turn that holds it. No masks.
+    "<image>" tag goes to the front of the first turn (where the released file has it; added if absent). No masks.
     """
 
     def __init__(self, json_path, image_root):
@@ -479,8 +479,8 @@ class LLaVAChatDataset(torch.utils.data.Dataset):
         if "image" in rec:
             frames = [load_image(os.path.join(self.image_root, rec["image"]))]
             for turn in conversation:
-                if "<image>" in turn["value"]:
-                    turn["value"] = ("<image>\n" + turn["value"].replace("<image>", "").strip()).strip()
+                turn["value"] = turn["value"].replace("<image>", "").strip()
+            conversation[0]["value"] = "<image>\n" + conversation[0]["value"]
         h, w = (frames[0].height, frames[0].width) if frames else (1, 1)
         return {"id": str(rec.get("id", index)), "frames": frames, "exprs": [],
                 "masks": torch.zeros(0, len(frames), h, w, dtype=torch.bool), "is_video": False,

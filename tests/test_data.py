@@ -429,7 +429,9 @@ def llava_fixture(root):
     save_jpg(str(root / "llava" / "coco" / "train2017" / "000000000009.jpg"))
     records = [{"id": "img", "image": "coco/train2017/000000000009.jpg",
                 "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A grey square."}]},
-               {"id": "txt", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}]
+               {"id": "txt", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
+               {"id": "untagged", "image": "coco/train2017/000000000009.jpg",
+                "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]}]
     json.dump(records, open(root / "llava" / "llava_v1_5_mix665k.json", "w"))
     return records
 
@@ -441,6 +443,7 @@ def test_llava_records_with_and_without_an_image(tmp_path):
     with_image, text_only = ds[0], ds[1]
     assert with_image["conversation"][0]["value"] == "<image>\nWhat is it?" and len(with_image["frames"]) == 1
     assert text_only["frames"] == [] and text_only["conversation"] == records[1]["conversations"]
+    assert ds[2]["conversation"][0]["value"] == "<image>\nColour?"
 
 
 def official_fixtures(root):
@@ -463,7 +466,7 @@ def test_every_official_train_split_gives_training_batches(tmp_path):
 
     official_fixtures(tmp_path)
     mix = data.build_train_mix(TRAIN_MIX, str(tmp_path))
-    assert [len(p) for p in mix.parts] == [1, 2, 4, 3, 1, 2]  # refcocog, ytvos, davis17, mevis, revos, llava
+    assert [len(p) for p in mix.parts] == [1, 2, 4, 3, 1, 3]  # refcocog, ytvos, davis17, mevis, revos, llava
     cfg = salma.Config.from_preset("tiny")
     model, tok = salma.build_salma(cfg)
     for i in range(len(mix)):
