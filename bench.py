@@ -6,6 +6,7 @@ Benchmarks: figures printed (and written to bench_out/<what>.json), never assert
   python bench.py internvl               # our InternVL forward vs transformers' on the same weights
   python bench.py train                  # training samples/s and peak memory (tiny; --real adds one 1B step)
   python bench.py video_memory           # host memory over a 200-frame generated video (must stay flat)
+  python bench.py precision              # segment_image in fp32 vs bf16 (set_precision): time and mask IoU
 
 CPU fp32 by default; --preset tiny makes every benchmark quick.
 """
@@ -253,6 +254,32 @@ def bench_video_memory(args):
     return {"rss_gib_by_frame": rss, "frames_per_s": fps}
 
 
+@torch.inference_mode()
+def bench_precision(args):
+    """segment_image on generated scenes, fp32 vs bf16 on the same weights: median time and mask agreement."""
+    if args.ckpt:
+        import eval as evaluate
+
+        model, tok = evaluate.load_model(args.ckpt)
+    else:
+        model, tok = build(args.preset, gamma_init=1.0)  # gamma 1: MBA's path counts in the comparison
+    half = copy.deepcopy(model).set_precision(torch.bfloat16)
+    scenes = data.SyntheticRefDataset(max(args.runs, 1), seed=7, video_fraction=0.0)
+    samples = [scenes[i] for i in range(len(scenes)) if scenes[i]["exprs"]]
+    ious = []
+    for s in samples:
+        a, b = (m.segment_image(s["frames"][0], s["exprs"][0], tok, force_seg=True) for m in (model, half))
+        union = (a | b).sum().item()
+        ious.append(1.0 if union == 0 else (a & b).sum().item() / union)
+    image, expr = samples[0]["frames"][0].resize((640, 480)), samples[0]["exprs"][0]
+    t32, t16 = interleaved_medians([lambda m=m: m.segment_image(image, expr, tok, force_seg=True) for m in (model, half)], args.runs)
+    print(f"native bf16 matmuls on this CPU: {salma.cpu_has_native_bf16()}")
+    print(f"segment_image fp32 {t32:.3f} s | bf16 {t16:.3f} s ({t16 / t32:.2f}x) | mask IoU bf16 vs fp32: "
+          f"mean {statistics.mean(ious):.3f}, min {min(ious):.3f} over {len(ious)} scenes")
+    return {"fp32_s": t32, "bf16_s": t16, "mask_iou_mean": statistics.mean(ious), "mask_iou_min": min(ious),
+            "native_bf16": salma.cpu_has_native_bf16()}
+
+
 def current_rss_gb():
     """Current resident memory of this process (GiB), from /proc."""
     with open("/proc/self/statm") as f:
@@ -260,7 +287,7 @@ def current_rss_gb():
 
 
 BENCHES = {"table5": bench_table5, "overhead": bench_overhead, "internvl": bench_internvl,
-           "train": bench_train, "video_memory": bench_video_memory}
+           "train": bench_train, "video_memory": bench_video_memory, "precision": bench_precision}
 
 
 def main():
@@ -270,6 +297,7 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs (median) / training steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--real", action="store_true", help="train: also one step of the sa2va-1b preset")
+    parser.add_argument("--ckpt", default="", help="precision: a train.py out_dir or official directory instead of random weights")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

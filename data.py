@@ -538,8 +538,8 @@ class MixedDataset(torch.utils.data.Dataset):
         return self.parts[part][item]
 
 
-def build_train_mix(spec, root="", seed=0):
-    """'refcoco:4,mevis:4,revos:10' -> MixedDataset of the train splits; 'synthetic:1' needs no root."""
+def parse_mix(spec):
+    """'refcoco:4,mevis:4' -> [('refcoco', 4.0), ('mevis', 4.0)]; one clear error for a bad entry."""
     parts = []
     for entry in spec.split(","):
         name, _, factor = entry.partition(":")
@@ -547,8 +547,18 @@ def build_train_mix(spec, root="", seed=0):
             factor = float(factor or 1)
         except ValueError:
             raise ValueError(f"--data={spec!r}: {entry!r} is not dataset:repeat_factor") from None
-        parts.append((build_dataset(name, root, split="train", train=True, seed=seed), factor))
-    return MixedDataset(parts)
+        if name not in EVAL_SPLITS:
+            raise ValueError(f"--data={spec!r}: unknown dataset {name!r}; known: {', '.join(EVAL_SPLITS)}")
+        if factor <= 0:
+            raise ValueError(f"--data={spec!r}: the repeat factor of {name} must be > 0")
+        parts.append((name, factor))
+    return parts
+
+
+def build_train_mix(spec, root="", seed=0):
+    """'refcoco:4,mevis:4,revos:10' -> MixedDataset of the train splits; 'synthetic:1' needs no root."""
+    return MixedDataset([(build_dataset(name, root, split="train", train=True, seed=seed), factor)
+                         for name, factor in parse_mix(spec)])
 
 
 class DistributedResumableSampler:

@@ -207,16 +207,18 @@ def revos_summary(rows):
 # loading a model to evaluate
 
 
-def load_model(ckpt, preset="tiny", device="cpu", **overrides):
-    """(model, tokenizer) from an official-layout directory or a train.py out_dir; "" = random tiny."""
+def load_model(ckpt, preset="tiny", device="cpu", dtype=torch.float32, **overrides):
+    """(model, tokenizer) in eval mode from an official-layout directory or a train.py out_dir; "" = random tiny."""
     if not ckpt:
-        return salma.build_salma(salma.Config.from_preset(preset), device=device, **overrides)
+        model, tok = salma.build_salma(salma.Config.from_preset(preset), device=device, dtype=dtype, **overrides)
+        return model.eval(), tok
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt}: not a directory (an official Sa2VA/SALMA directory or a train.py --out_dir)")
     if not os.path.isfile(os.path.join(ckpt, "ckpt.pt")):
-        return salma.build_salma(salma.Config.from_preset(preset), init=ckpt, device=device, **overrides)
+        model, tok = salma.build_salma(salma.Config.from_preset(preset), init=ckpt, device=device, dtype=dtype, **overrides)
+        return model.eval(), tok
     model, tok, _ = salma.load_trained(ckpt, **overrides)
-    return model.to(device).eval(), tok
+    return model.to(device).set_precision(dtype).eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,9 +439,18 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=50, help="size of the generated synthetic splits")
     p.add_argument("--force_seg", type=salma.parse_bool, default=False, metavar="BOOL", help="teacher-force 'Sure, [SEG].' instead of generating")
     p.add_argument("--visualize", type=int, default=0, help="write figures for the first N image items and stop")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision (default auto: bf16 on CUDA and on CPUs with native bf16 matmuls, AVX-512 BF16 or AMX; "
+                        "fp32 on other CPUs, where bf16 is slower). bf16 puts the MLLM's weights in bf16 and runs "
+                        "SAM-2 and MBA under bf16 autocast with fp32 weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
+    if args.dataset.startswith("synthetic") and args.split != "val":
+        p.error(f"--split={args.split}: the generated sets have one split, val")
+    for name, least in (("num_samples", 1), ("limit", 0), ("visualize", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name}={getattr(args, name)}: must be at least {least}")
     args.out_dir = args.out_dir or os.path.join("eval_out", f"{args.dataset}_{args.split}" + ("_baseline" if args.mba is False else ""))
     return args
 
@@ -468,12 +479,8 @@ def main(argv=None):
     dataset = build_eval_dataset(args)
     if not args.ckpt and not args.dataset.startswith("synthetic"):
         raise SystemExit(f"eval.py: --ckpt is required for {args.dataset}: {DOWNLOAD_HINTS['ckpt']}.")
-    try:
-        overrides = {} if args.mba is None else {"mba": args.mba}
-        model, tok = load_model(args.ckpt, args.preset, device, **overrides)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"eval.py: {e}") from None
-    model.eval()
+    overrides = {} if args.mba is None else {"mba": args.mba}
+    model, tok = load_model(args.ckpt, args.preset, device, salma.resolve_dtype(args.dtype, device), **overrides)
     if device.type == "cpu":
         salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)
@@ -519,4 +526,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad paths, checkpoints, images or data: one line, no traceback
+        raise SystemExit(f"eval.py: {e}") from None

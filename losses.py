@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 @dataclass
 class LossConfig:
-    w_bce: float = 2.0  # Sa2VA's weights; set w_bce = w_dice = 1 for the paper's literal Eq. 5
-    w_dice: float = 0.5
-    lambda_tmc: float = 0.1
-    lambda_bound: float = 0.05
-    tau_tmc: float = 0.15  # the authors' code
+    w_bce: float = 2.0  # weight of the BCE loss (Sa2VA's; w_bce = w_dice = 1 is the paper's literal Eq. 5)
+    w_dice: float = 0.5  # weight of the Dice loss
+    lambda_tmc: float = 0.1  # weight of the text-mask contrastive loss (Eq. 3); 0 = off
+    lambda_bound: float = 0.05  # weight of the Sobel boundary loss (Eq. 4); 0 = off
+    tau_tmc: float = 0.15  # temperature of the TMC loss (the authors' code)
     ramp_frac: float = 0.05  # auxiliary losses and gamma rise 0 -> 1 over this fraction of steps
     point_sampling: bool = False  # Sa2VA: BCE/Dice on 12,544 uncertainty-sampled points
 

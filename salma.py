@@ -11,11 +11,13 @@ salma: every model of the project in one file.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
 import random
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -32,43 +34,43 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 @dataclass
 class Config:
     # InternViT (timm VisionTransformer with InternViT-300M's math)
-    image_size: int = 448
-    patch_size: int = 14
-    vit_width: int = 1024
-    vit_depth: int = 24
-    vit_heads: int = 16
-    vit_mlp_ratio: float = 4.0
-    vit_ls_init: float = 0.1
+    image_size: int = 448  # InternViT tile side in pixels
+    patch_size: int = 14  # InternViT patch side
+    vit_width: int = 1024  # InternViT hidden size
+    vit_depth: int = 24  # InternViT blocks
+    vit_heads: int = 16  # InternViT attention heads
+    vit_mlp_ratio: float = 4.0  # InternViT MLP width / hidden size
+    vit_ls_init: float = 0.1  # InternViT LayerScale init
     downsample_ratio: float = 0.5  # pixel shuffle: 32x32x1024 -> 16x16x4096 per tile
     max_tiles: int = 12  # dynamic tiling for images (+ a thumbnail)
     video_frames: int = 5  # frames of a video given to the MLLM
     # Qwen2 LLM
-    vocab_size: int = 151674
-    llm_hidden: int = 896
-    llm_layers: int = 24
-    llm_heads: int = 14
-    llm_kv_heads: int = 2
-    llm_intermediate: int = 4864
-    rope_theta: float = 1e6
-    rms_eps: float = 1e-6
+    vocab_size: int = 151674  # LLM vocabulary (grown to the tokenizer's size when smaller)
+    llm_hidden: int = 896  # Qwen2 hidden size
+    llm_layers: int = 24  # Qwen2 layers
+    llm_heads: int = 14  # Qwen2 query heads
+    llm_kv_heads: int = 2  # Qwen2 key/value heads (grouped-query attention)
+    llm_intermediate: int = 4864  # Qwen2 SwiGLU width
+    rope_theta: float = 1e6  # RoPE base
+    rms_eps: float = 1e-6  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # InternVL forces a separate lm_head
     system_prompt: str = ""  # "" = Sa2VA's template (no system turn)
     # SAM-2 grounding
     sam2_config: str = "configs/sam2/sam2_hiera_l.yaml"  # SAM 2.0 Hiera-L, as Sa2VA-1B
     sam2_tiny: bool = False  # shrink the packaged config (see SAM2_TINY_OVERRIDES)
-    sam_image_size: int = 1024
+    sam_image_size: int = 1024  # SAM-2 input side in pixels
     num_cond_frames: int = 5  # video: frames decoded with the [SEG] prompt, the rest tracked
     # SALMA (paper section 3.2); mba=False is exactly the Sa2VA baseline
-    mba: bool = True
-    mba_layers: str = "last"  # "last" | "all" | comma list of LLM layer indices
-    mba_mode: str = "gate"  # "gate" (Eq. 2) | "film" (Table 3 ablation)
-    topk: int = 2
-    tau_gate: float = 1.0
-    gamma_init: float = 0.0  # the authors' code; the residual starts closed
-    mba_heads: int = 8
-    mba_dropout: float = 0.1
-    router_hidden: int = 128
-    tmc_source: str = "post"  # "post": pool post-MBA F_v (paper); "pre": pre-MBA F_v detached (authors' code)
+    mba: bool = True  # SALMA's pre-pass gate + Mask-Biased Attention; False = exactly the Sa2VA baseline
+    mba_layers: str = "last"  # LLM layers whose hidden states feed an MBA block: last, all, or a comma list of indices
+    mba_mode: str = "gate"  # gate: the gated residual of Eq. 2; film: + FiLM (Table 3 ablation)
+    topk: int = 2  # prompt words the router keeps per MBA block (Top-K, Eq. 1)
+    tau_gate: float = 1.0  # temperature of the gate G = sigmoid(pre-pass logits / tau)
+    gamma_init: float = 0.0  # initial gamma of the gated residual (0, as the authors' code: MBA starts closed)
+    mba_heads: int = 8  # attention heads of an MBA block
+    mba_dropout: float = 0.1  # dropout in an MBA block
+    router_hidden: int = 128  # hidden width of the router MLP
+    tmc_source: str = "post"  # F_v pooled for TMC: post = after MBA (paper); pre = before MBA, detached (authors' code)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -96,16 +98,29 @@ INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由�
 PRESETS["internvl2_5-1b"]["system_prompt"] = INTERNVL_SYSTEM_PROMPT
 
 
-def add_dataclass_flags(parser, instance, title, from_preset=False):
-    """A --field flag per dataclass field; from_preset: default None (= the preset's value)."""
+FLAG_CHOICES = {"recipe": ("auto", "sa2va", "full"), "mba_mode": ("gate", "film"), "tmc_source": ("post", "pre"),
+                "dtype": ("auto", "float32", "bfloat16")}
+
+
+def field_comments(cls):
+    """{field: the comment after it in cls's source}: the dataclasses document their fields there."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
+
+
+def add_dataclass_flags(parser, instance, title, preset=""):
+    """A --field flag per dataclass field, its help from the field's comment; with preset, the default
+    is None (= the preset's value, or the checkpoint's) and the help shows the preset's value."""
     group = parser.add_argument_group(title)
+    comments = field_comments(type(instance))
     for f in fields(instance):
         value = getattr(instance, f.name)
         kind = parse_bool if isinstance(value, bool) else type(value)
-        default = None if from_preset else value
-        note = f"preset value; sa2va-1b: {value!r}" if from_preset else f"default {value!r}"
-        metavar = "BOOL" if kind is parse_bool else kind.__name__.upper()
-        group.add_argument(f"--{f.name}", type=kind, default=default, metavar=metavar, help=note)
+        default = f"preset {preset}: {value!r}" if preset else f"default {value!r}"
+        extra = {"nargs": "?", "const": True} if kind is parse_bool else {}  # bare --resume means True
+        group.add_argument(f"--{f.name}", type=kind, default=None if preset else value, choices=FLAG_CHOICES.get(f.name),
+                           metavar=None if f.name in FLAG_CHOICES else ("BOOL" if kind is parse_bool else kind.__name__.upper()),
+                           help=f"{comments.get(f.name, '')} ({default})".strip(), **extra)
 
 
 def parse_bool(text):
@@ -127,9 +142,33 @@ def preset_overrides(args):
     return {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
 
 
-def default_dtype(device):
-    """bf16 on CUDA, fp32 on CPU (bf16 matmuls on CPU are several times slower)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without it bf16 matmuls are slower than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(choice, device):
+    """'auto' -> bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32; or 'float32' / 'bfloat16'."""
+    if choice == "auto":
+        native = torch.device(device).type == "cuda" or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    if choice not in DTYPES:
+        raise ValueError(f"--dtype={choice!r}: expected auto, float32 or bfloat16")
+    return DTYPES[choice]
+
+
+def autocast_for(dtype, device):
+    """bf16 autocast on device (SAM-2's fp32 inputs meet bf16 weights there), or nothing for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +208,10 @@ def load_tokenizer(model_dir):
     """Tokenizer of an official directory: tokenizer.json, or Qwen's vocab.json + merges.txt."""
     path = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(path):
-        tok = Tokenizer.from_file(path)
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library's own error type
+            raise ValueError(f"{path}: unreadable tokenizer ({e})") from None
     elif os.path.isfile(os.path.join(model_dir, "vocab.json")):
         tok = qwen_byte_level(models.BPE.from_file(
             os.path.join(model_dir, "vocab.json"), os.path.join(model_dir, "merges.txt")))
@@ -187,10 +229,10 @@ def added_tokens(model_dir):
     tokens = {}
     path = os.path.join(model_dir, "added_tokens.json")
     if os.path.isfile(path):
-        tokens.update(json.load(open(path)))
+        tokens.update(read_json_file(path))
     path = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.isfile(path):
-        decoder = json.load(open(path)).get("added_tokens_decoder", {})
+        decoder = read_json_file(path).get("added_tokens_decoder", {})
         tokens.update({v["content"]: int(k) for k, v in decoder.items()})
     return tokens
 
@@ -779,6 +821,17 @@ class MaskBiasedAttention(nn.Module):
         return feats, attn_map
 
 
+def check_config(cfg):
+    """One clear error for model settings that cannot build a model (before any weight is made)."""
+    if cfg.topk < 1:
+        raise ValueError(f"--topk={cfg.topk}: MBA keeps at least one prompt word; use --topk >= 1")
+    if cfg.mba_mode not in ("gate", "film") or cfg.tmc_source not in ("post", "pre"):
+        raise ValueError(f"--mba_mode={cfg.mba_mode!r} / --tmc_source={cfg.tmc_source!r}: expected gate|film / post|pre")
+    if cfg.tau_gate <= 0:
+        raise ValueError(f"--tau_gate={cfg.tau_gate}: must be > 0")
+    resolve_mba_layers(cfg.mba_layers, cfg.llm_layers)
+
+
 def resolve_mba_layers(spec, num_layers):
     """'last' -> [L-1], 'all' -> [0..L-1], '3,7' -> [3, 7] (negative indices count from the end)."""
     if spec == "last":
@@ -786,10 +839,12 @@ def resolve_mba_layers(spec, num_layers):
     if spec == "all":
         return list(range(num_layers))
     try:
-        layers = [int(x) % num_layers for x in spec.split(",")]
+        layers = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--mba_layers={spec!r}: expected 'last', 'all' or a comma list of layer indices")
-    return layers
+        raise ValueError(f"--mba_layers={spec!r}: expected 'last', 'all' or a comma list of layer indices") from None
+    if not all(-num_layers <= i < num_layers for i in layers):
+        raise ValueError(f"--mba_layers={spec!r}: the LLM has {num_layers} layers (indices {-num_layers}..{num_layers - 1})")
+    return [i % num_layers for i in layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,6 +856,7 @@ class SALMA(nn.Module):
 
     def __init__(self, cfg, token_ids):
         super().__init__()
+        check_config(cfg)
         self.cfg, self.token_ids = cfg, token_ids
         self.mllm = InternVL(cfg, token_ids[IMG_CONTEXT])
         self.grounding = SAM2Grounding(cfg)
@@ -863,32 +919,33 @@ class SALMA(nn.Module):
     # --- inference
 
     @torch.inference_mode()
-    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=16):
+    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048):
         """MLLM on Sa2VA's eval prompt -> (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L)).
 
         Greedy generation as Sa2VA evaluates; force_seg=True instead teacher-forces the answer
         "Sure, [SEG]." (one forward, for models not yet trained to answer with [SEG]).
         """
-        cfg = self.cfg
-        pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
-        media = media_placeholder(pixel_values.shape[0], cfg, is_video)
-        turn = (eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None)
-        ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
-        if force_seg:
-            out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True)
-            sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
-        else:
-            stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
-            generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
-            sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
-            text = tokenizer.decode(generated.tolist())
-        seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
-        z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
-        n = len(seg_pos)
-        valid = torch.zeros(n, sequence.shape[0], dtype=torch.bool, device=self.device)
-        valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
-        hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
-        return text, z_seg, hidden, valid
+        with self.autocast():
+            cfg = self.cfg
+            pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
+            media = media_placeholder(pixel_values.shape[0], cfg, is_video)
+            turn = (eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None)
+            ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
+            if force_seg:
+                out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True)
+                sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
+            else:
+                stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+                generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
+                sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
+                text = tokenizer.decode(generated.tolist())
+            seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
+            z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
+            n = len(seg_pos)
+            valid = torch.zeros(n, sequence.shape[0], dtype=torch.bool, device=self.device)
+            valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
+            hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
+            return text, z_seg, hidden, valid
 
     @torch.inference_mode()
     def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False):
@@ -899,19 +956,37 @@ class SALMA(nn.Module):
             if maps is not None:
                 maps["no_seg"] = True  # evaluations count a missing prediction apart from an empty one
             return torch.zeros(h, w, dtype=torch.bool)
-        images = sam_pixels([image], self.cfg.sam_image_size).to(self.device, z_seg.dtype)
-        enc = self.grounding.encode_image(images)
-        image_embed, high_res = enc["image_embed"][:1], [f[:1] for f in enc["high_res_feats"]]
-        hidden, valid = [h[:1] if h is not None else None for h in hidden], valid[:1]
-        feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
-        low_res = self.grounding.decode(feats, high_res, z_seg[:1])  # the first [SEG] answers
-        if maps is not None:
-            maps["low_res"] = low_res
+        with self.autocast():
+            images = sam_pixels([image], self.cfg.sam_image_size).to(self.device, z_seg.dtype)
+            enc = self.grounding.encode_image(images)
+            image_embed, high_res = enc["image_embed"][:1], [f[:1] for f in enc["high_res_feats"]]
+            hidden, valid = [h[:1] if h is not None else None for h in hidden], valid[:1]
+            feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
+            low_res = self.grounding.decode(feats, high_res, z_seg[:1])  # the first [SEG] answers
+            if maps is not None:
+                maps["low_res"] = low_res
         return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0] > 0
 
     @property
     def device(self):
         return self.text_hidden_fcs[0].weight.device
+
+    @property
+    def dtype(self):
+        """The MLLM's weight dtype: the model's precision (the rest keeps fp32 weights, see set_precision)."""
+        return self.mllm.language_model.embed_tokens.weight.dtype
+
+    def set_precision(self, dtype):
+        """bf16: the MLLM's weights in bf16 (the bulk of the memory), SAM-2, text_hidden_fcs and MBA keep
+        fp32 weights and compute under bf16 autocast, so sam2's fp32-only inputs (point coordinates,
+        LayerNorms on CPU) meet fp32 parameters. fp32: everything fp32, no autocast."""
+        self.float()
+        self.mllm.to(dtype)
+        return self
+
+    def autocast(self):
+        """bf16 autocast when the model runs in bf16, else nothing (see autocast_for)."""
+        return autocast_for(self.dtype, self.device)
 
 
 FORCED_ANSWER = "Sure, [SEG]."
@@ -950,20 +1025,21 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
     keep = max(sam.num_maskmem * sam.memory_temporal_stride_for_eval, sam.max_obj_ptrs_in_encoder)
     for t in range(num_frames):
         frame = load_frame(t)
-        enc = model.grounding.encode_image(sam_pixels([frame], cfg.sam_image_size).to(model.device, z_seg.dtype))
-        is_cond = t < cfg.num_cond_frames
-        if is_cond:
-            pix = enc["image_embed"]
-        else:
-            pix = sam._prepare_memory_conditioned_features(
-                frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
-                current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
-                output_dict=memory, num_frames=num_frames)  # (1, C, h, w) fused with the memory bank
-        feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None,
-                             prior_embed=enc["image_embed"])  # DESIGN 4: the pre-pass sees no memory
-        heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
-        memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
-        memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
+        with model.autocast():  # per frame: the caller's code between frames runs outside it
+            enc = model.grounding.encode_image(sam_pixels([frame], cfg.sam_image_size).to(model.device, z_seg.dtype))
+            is_cond = t < cfg.num_cond_frames
+            if is_cond:
+                pix = enc["image_embed"]
+            else:
+                pix = sam._prepare_memory_conditioned_features(
+                    frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
+                    current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
+                    output_dict=memory, num_frames=num_frames)  # (1, C, h, w) fused with the memory bank
+            feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None,
+                                 prior_embed=enc["image_embed"])  # DESIGN 4: the pre-pass sees no memory
+            heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
+            memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
+            memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
         w, h = frame.size
         yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0] > 0
 
@@ -1028,14 +1104,35 @@ def check_keys(expected, got, source, allowed_missing=(), official=False):
         raise ValueError(f"{source}: checkpoint does not match the model: {'; '.join(p for p in parts if p)}")
 
 
+def read_json_file(path):
+    """json.load with one clear error naming a missing or malformed file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors_file(path):
+    """load_file with one clear error naming a missing, truncated or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (named in the checkpoint's index)")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type: header too large, truncated, ...
+        raise ValueError(f"{path}: unreadable safetensors file ({e}); download it again") from None
+
+
 def read_safetensors(model_dir):
     """The state dict of model.safetensors or of the shards named in model.safetensors.index.json."""
     single, index = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        return read_safetensors_file(single)
     if os.path.isfile(index):
-        shards = sorted(set(json.load(open(index))["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(model_dir, shard)).items()}
+        shards = sorted(set(read_json_file(index)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors_file(os.path.join(model_dir, shard)).items()}
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -1044,7 +1141,7 @@ def config_from_hf(model_dir, base):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; expected an InternVL / Sa2VA checkpoint directory")
-    hf = json.load(open(path))
+    hf = read_json_file(path)
     vis, llm = hf["vision_config"], hf["llm_config"]
     return replace(
         base, image_size=hf.get("force_image_size") or vis["image_size"], patch_size=vis["patch_size"],
@@ -1105,7 +1202,7 @@ def load_sam2_checkpoint(grounding, path):
     """Load a SAM-2 / SAM-2.1 .pt ({"model": state_dict}) into the grounding part, keys checked."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: SAM-2 checkpoint not found")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch_load(path, "a SAM-2 .pt (download it again)")
     if not isinstance(sd, dict) or "model" not in sd:
         raise ValueError(f"{path}: expected a SAM-2 .pt holding {{'model': state_dict}}")
     check_keys(grounding.sam2_model.state_dict(), sd["model"], path)
@@ -1135,7 +1232,7 @@ def load_internvl(model_dir, dtype=None, device="cpu"):
         model = InternVL(cfg, ids[IMG_CONTEXT])
     ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(model_dir).items()}
     finish_load(model, ours, model_dir, prefix="mllm.")  # a bare InternVL is SALMA's .mllm
-    return model.to(device, dtype or default_dtype(device)).eval(), tok
+    return model.to(device, dtype or resolve_dtype("auto", device)).eval(), tok
 
 
 EMBED_KEY, HEAD_KEY = "mllm.language_model.embed_tokens.weight", "mllm.language_model.lm_head.weight"
@@ -1166,10 +1263,11 @@ def finish_load(model, ours, source, allowed_missing=(), prefix=""):
         llm.lm_head.weight = llm.embed_tokens.weight
 
 
-def build_salma(cfg, init="", sam2_ckpt="", device="cpu", **overrides):
+def build_salma(cfg, init="", sam2_ckpt="", device="cpu", dtype=torch.float32, **overrides):
     """SALMA (Sa2VA with mba=False): random init, or an official Sa2VA directory in init.
 
-    Sizes come from the checkpoint's config.json; overrides (e.g. mba=True) are applied last.
+    Sizes come from the checkpoint's config.json; overrides (e.g. mba=True) are applied last. dtype:
+    the weights' dtype (bf16 weights run inference under bf16 autocast, as Sa2VA runs on GPU).
     """
     if init:
         tok, cfg, ids = prepare_tokenizer(replace(config_from_hf(init, cfg), **overrides), init)
@@ -1185,7 +1283,7 @@ def build_salma(cfg, init="", sam2_ckpt="", device="cpu", **overrides):
         model = SALMA(cfg, ids)
     if sam2_ckpt:
         load_sam2_checkpoint(model.grounding, sam2_ckpt)
-    return model.to(device, default_dtype(device)), tok
+    return model.to(device).set_precision(dtype), tok
 
 
 def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
@@ -1205,15 +1303,19 @@ def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
     return model
 
 
+def torch_load(path, what):
+    """torch.load (tensors and plain Python only) with one clear error for a truncated or foreign file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects: all mean "not the file we need"
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}); it is truncated or not {what}") from None
+
+
 def read_checkpoint(path):
     """The dict train.py wrote to ckpt.pt; one clear error for a missing, truncated or foreign file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no training checkpoint here (train.py writes OUT_DIR/ckpt.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects: all mean "not our checkpoint"
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}); it is truncated or not a "
-                         "train.py checkpoint: restore it or train again") from None
+    state = torch_load(path, "a train.py checkpoint (restore it or train again)")
     if not isinstance(state, dict) or not {"model", "configs", "step"} <= state.keys():
         raise ValueError(f"{path}: not a train.py checkpoint (it lacks 'model', 'configs' or 'step')")
     return state

@@ -34,28 +34,29 @@ import salma
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/tiny"
+    out_dir: str = "out/tiny"  # where ckpt.pt, ckpt.json, tokenizer.json and log.jsonl go
     init: str = ""  # official checkpoint directory (Sa2VA / InternVL) to start from; "" = random init
     sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
     data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
     data_root: str = ""  # "" = generated synthetic data
-    max_steps: int = 300
+    max_steps: int = 300  # optimizer steps
     batch_size: int = 2  # per device
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.0  # 0 = auto: 4e-5 (the recipe) with --init, 1e-3 from scratch
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05  # AdamW weight decay (matrices only)
+    warmup_frac: float = 0.05  # linear lr warm-up over this fraction of max_steps
+    grad_clip: float = 1.0  # gradient-norm clipping
     recipe: str = "auto"  # sa2va: frozen ViT + SAM-2 encoder, LoRA LLM (auto with --init); full: all but the SAM-2 encoder
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 100
-    resume: bool = False
-    fsdp: bool = False
+    lora_r: int = 128  # LoRA rank (sa2va recipe)
+    lora_alpha: int = 256  # LoRA alpha (sa2va recipe)
+    lora_dropout: float = 0.05  # LoRA dropout (sa2va recipe)
+    seed: int = 0  # model init, data order and sampling
+    log_every: int = 10  # progress-bar update interval in steps (log.jsonl gets every step)
+    save_every: int = 100  # checkpoint interval in steps (and at the last step)
+    resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimizer, data position, RNG)
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    dtype: str = "auto"  # autocast precision, weights stay fp32: auto = bf16 on CUDA and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), float32 on other CPUs (bf16 is slower there)
     export: str = ""  # write the model of out_dir/ckpt.pt in the official layout here and exit
 
 
@@ -69,14 +70,37 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="model size preset (default tiny)")
     salma.add_dataclass_flags(parser, TrainConfig(), "training")
     salma.add_dataclass_flags(parser, losses.LossConfig(), "loss weights (Eq. 5)")
-    salma.add_dataclass_flags(parser, salma.Config(), "model (default: the preset's value)", from_preset=True)
+    salma.add_dataclass_flags(parser, salma.Config.from_preset("tiny"), "model (default: the preset's value, or --init's config.json)", preset="tiny")
     args = parser.parse_args(argv)
     train_cfg = salma.dataclass_from_args(TrainConfig, args)
     if train_cfg.recipe == "auto":
         train_cfg.recipe = "sa2va" if train_cfg.init else "full"
     if train_cfg.lr == 0:
         train_cfg.lr = 4e-5 if train_cfg.init else 1e-3
-    return train_cfg, salma.dataclass_from_args(losses.LossConfig, args), args.preset, salma.preset_overrides(args)
+    overrides = salma.preset_overrides(args)
+    check_flags(train_cfg, salma.Config.from_preset(args.preset, **overrides))
+    return train_cfg, salma.dataclass_from_args(losses.LossConfig, args), args.preset, overrides
+
+
+def check_flags(cfg, model_cfg):
+    """Refuse bad flags and missing files before any model is built (one line naming the flag)."""
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.lr < 0 or not 0 <= cfg.warmup_frac <= 1:
+        raise ValueError(f"--lr={cfg.lr} / --warmup_frac={cfg.warmup_frac}: need lr >= 0 and 0 <= warmup_frac <= 1")
+    salma.check_config(model_cfg)
+    data.parse_mix(cfg.data)
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and cfg.fsdp:
+        raise ValueError("--resume with --fsdp=True is not supported (the optimizer state is sharded and not saved); resume with DDP")
+    if (cfg.resume or cfg.export) and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to {'resume from' if cfg.resume else 'export'}; "
+                                f"{'drop --resume or ' if cfg.resume else ''}set --out_dir to a train.py run")
+    if cfg.init and not os.path.isdir(cfg.init):
+        raise FileNotFoundError(f"--init {cfg.init}: not a directory (an official Sa2VA / InternVL2.5 checkpoint)")
+    if cfg.sam2_ckpt and not os.path.isfile(cfg.sam2_ckpt):
+        raise FileNotFoundError(f"--sam2_ckpt {cfg.sam2_ckpt}: SAM-2 checkpoint not found")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +193,23 @@ def full_weights(model):
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
+def keep_log_rows(log_path, last_step):
+    """Rewrite log.jsonl with only the rows of steps <= last_step, so every step has one row after a resume."""
+    if not os.path.exists(log_path):
+        return
+    rows = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    rows.append(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(log_path + ".tmp", log_path)
+
+
 def save_checkpoint(path, weights, optimizer, scheduler, sampler, step, configs):
     """Write ckpt.pt atomically (temp file + rename) and a ckpt.json saying what it is."""
     state = {
@@ -199,6 +240,7 @@ def main(argv=None):
         return export(train_cfg, preset, overrides)
     rank, local_rank, world_size, device = setup_distributed()
     master = rank == 0
+    torch.use_deterministic_algorithms(True, warn_only=True)  # same flags, same numbers (README: Determinism)
     torch.manual_seed(train_cfg.seed)  # same init on every rank
     random.seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
@@ -213,11 +255,7 @@ def main(argv=None):
     optimizer, scheduler = make_optimizer(model, train_cfg)
     ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
     step = 0
-    if train_cfg.resume and train_cfg.fsdp:
-        raise SystemExit("train.py: --resume with --fsdp=True is not supported (the optimizer state is sharded and not saved); resume with DDP")
     if train_cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from; drop --resume or set --out_dir")
         state = salma.read_checkpoint(ckpt_path)
         salma.load_weights(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
@@ -225,14 +263,14 @@ def main(argv=None):
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = salma.autocast_for(salma.resolve_dtype(train_cfg.dtype, device), device)  # weights stay fp32
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = data.batch_iterator(dataset, sampler, train_cfg.batch_size)
     log_path = os.path.join(train_cfg.out_dir, "log.jsonl")
     if master:
         tokenizer.save(os.path.join(train_cfg.out_dir, "tokenizer.json"))  # out_dir alone rebuilds the model
-    if master and not train_cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    if master:
+        keep_log_rows(log_path, step)  # a fresh run starts a fresh log; a resumed one drops the replayed steps
     bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not master, desc="train")
     while step < train_cfg.max_steps:
         t0 = time.time()

@@ -306,3 +306,51 @@ def test_visualize_writes_side_by_side_figures(trained, tmp_path):
 
     figure = Image.open(tmp_path / "figure_0.png")
     assert figure.width > 4 * figure.height  # image, mask, gate, attention, baseline side by side
+
+
+def test_eval_runs_in_bf16_with_masks_close_to_fp32(trained, tmp_path):
+    preds = {}
+    for dtype in ("float32", "bfloat16"):
+        proc = run_eval(f"--ckpt={trained}", "--num_samples=4", f"--out_dir={tmp_path / dtype}", "--force_seg=True", f"--dtype={dtype}")
+        assert proc.returncode == 0, proc.stderr
+        preds[dtype] = [json.loads(line) for line in open(tmp_path / dtype / "predictions.jsonl")]
+    assert len(preds["float32"]) == len(preds["bfloat16"]) >= 4
+    for a, b in zip(preds["float32"], preds["bfloat16"]):
+        assert abs(a["U"] - b["U"]) <= 0.1 * max(a["U"], 1) and abs(a["I"] - b["I"]) <= 0.1 * max(a["U"], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs end with one line naming the file or flag, a non-zero exit, no traceback
+
+
+def assert_one_line_error(proc, *names):
+    """The process failed, printed no traceback, and its last line names what was wrong."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert all(name in last for name in names), last
+
+
+def test_bad_checkpoints_images_and_flags_give_one_line(trained, tmp_path):
+    import shutil
+
+    from test_data import refcoco_fixture
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained, truncated)
+    data_bytes = open(truncated / "ckpt.pt", "rb").read()
+    open(truncated / "ckpt.pt", "wb").write(data_bytes[: len(data_bytes) // 2])
+    assert_one_line_error(run_eval(f"--ckpt={truncated}"), "ckpt.pt", "unreadable")
+    official = tmp_path / "official"
+    os.makedirs(official)
+    json.dump(salma.hf_config(salma.Config.from_preset("tiny"), "Sa2VAChatModel"), open(official / "config.json", "w"))
+    salma.tiny_tokenizer().save(str(official / "tokenizer.json"))
+    open(official / "model.safetensors", "wb").write(os.urandom(4096))
+    assert_one_line_error(run_eval(f"--ckpt={official}"), "model.safetensors", "unreadable")
+    refcoco_fixture(tmp_path)
+    image = tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg"
+    open(image, "wb").write(b"not a jpeg")
+    assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}"), image.name)
+    os.remove(image)
+    assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}"), image.name, "not found")
+    assert_one_line_error(run_eval("--split=nonsense"), "--split")
+    assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'nowhere'}"), "nowhere")

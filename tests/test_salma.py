@@ -335,3 +335,59 @@ def test_sa2va_checkpoint_round_trip_and_errors(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"text_hidden_fcs.0.bias.*grounding_encoder.sam2_model.extra"):
         salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: every entry point runs and agrees with fp32 (bf16 is what a GPU run uses; on CPU it is a flag)
+
+
+def iou(a, b):
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def correlation(a, b):
+    return torch.corrcoef(torch.stack([a.float().flatten(), b.float().flatten()]))[0, 1].item()
+
+
+def test_inference_in_bf16_agrees_with_fp32():
+    import copy
+
+    model, tok = tiny_model(gamma_init=1.0)
+    half = copy.deepcopy(model).set_precision(torch.bfloat16)
+    assert half.mllm.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.grounding.sam2_model.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    image, _ = scene()
+    maps32, maps16 = {}, {}
+    mask32 = model.segment_image(image, "the red square", tok, maps=maps32, force_seg=True)
+    mask16 = half.segment_image(image, "the red square", tok, maps=maps16, force_seg=True)
+    assert mask16.shape == mask32.shape and correlation(maps16["low_res"], maps32["low_res"]) > 0.99
+    assert iou(mask16, mask32) > 0.9
+    frames = [scene(shift=2 * t)[0] for t in range(7)]
+    video32 = list(salma.segment_video(model, frames.__getitem__, 7, "the red square", tok, force_seg=True))
+    video16 = list(salma.segment_video(half, frames.__getitem__, 7, "the red square", tok, force_seg=True))
+    assert len(video16) == 7 and min(iou(a, b) for a, b in zip(video16, video32)) > 0.8
+    ids = torch.tensor(tok.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n").ids)[None]
+    logits32, logits16 = model.mllm(ids)["logits"], half.mllm(ids)["logits"]
+    assert logits16.dtype == torch.bfloat16 and correlation(logits16, logits32) > 0.99
+    generated, hidden = half.mllm.generate(ids, None, 6, keep_hidden=True)
+    assert len(generated) == 6 and all(torch.isfinite(h).all() for h in hidden)
+
+
+def test_a_training_step_under_bf16_autocast_matches_fp32():
+    torch.manual_seed(0)
+    model, tok = salma.build_salma(salma.Config.from_preset("tiny", gamma_init=0.1, mba_dropout=0.0))
+    salma.set_trainable(model, "full")
+    batch = data.make_train_batch([sample(), sample(video=True)], tok, model.cfg, [1, 2])
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model.zero_grad()
+        with salma.autocast_for(dtype, "cpu"):
+            out = model(batch, ramp=1.0)
+            loss, _ = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.item(), grad, out["low_res"].dtype))
+    (loss32, grad32, _), (loss16, grad16, low_dtype) = results
+    assert low_dtype == torch.bfloat16 and torch.isfinite(grad16).all()
+    assert abs(loss16 - loss32) < 0.02 * abs(loss32) and correlation(grad16, grad32) > 0.95

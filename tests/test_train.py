@@ -12,10 +12,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(*flags, timeout=600):
-    """Run train.py to completion; returns the completed process (raises on failure)."""
+def run_train(*flags, check=True):
+    """Run train.py to completion; returns the completed process (raises on failure when check)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check)
 
 
 def losses_by_step(out_dir):
@@ -32,8 +32,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     out = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={out}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no deadline: a slow machine only makes this wait longer
         if os.path.exists(out / "log.jsonl") and max(losses_by_step(out), default=0) >= 6:
             break
         time.sleep(0.05)
@@ -43,27 +42,34 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert 6 <= killed_at < 12, "the run should be killed mid-way"
     saved = json.load(open(out / "ckpt.json"))["step"]
     assert saved in (4, 8) and not os.path.exists(out / "ckpt.pt.tmp")
-    run_train(*flags, f"--out_dir={out}", "--resume=True")
-    resumed = losses_by_step(out)
-    assert sorted(resumed) == list(range(1, 13))
-    for step in range(saved + 1, 13):
-        assert abs(resumed[step] - reference[step]) <= 1e-6 * abs(reference[step]), step
+    run_train(*flags, f"--out_dir={out}", "--resume")  # a bare --resume means True
+    rows = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert rows == list(range(1, 13))  # one row per step: the replayed steps are not logged twice
+    assert losses_by_step(out) == reference  # bit for bit, before the kill and after the resume
 
 
-def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", "--resume=True"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "no checkpoint to resume from" in proc.stderr.strip().splitlines()[-1]
+def test_bad_flags_and_files_give_one_line_before_any_model_is_built(tmp_path):
+    from test_eval import assert_one_line_error
+
+    cases = [(["--topk=0"], ["--topk"]), (["--batch_size=0"], ["--batch_size"]), (["--mba_layers=9"], ["--mba_layers"]),
+             (["--data=unknownset:1"], ["unknownset", "refcocog"]), (["--resume=True"], ["no checkpoint to resume from"]),
+             (["--init=/nowhere"], ["--init", "/nowhere"])]
+    for flags, names in cases:
+        assert_one_line_error(run_train(f"--out_dir={tmp_path}", *flags, check=False), *names)
+    open(tmp_path / "sam2.pt", "wb").write(os.urandom(1000))
+    assert_one_line_error(run_train(f"--out_dir={tmp_path}", f"--sam2_ckpt={tmp_path / 'sam2.pt'}", check=False), "sam2.pt", "unreadable")
+    open(tmp_path / "ckpt.pt", "wb").write(b"PK\x03\x04 truncated")
+    assert_one_line_error(run_train(f"--out_dir={tmp_path}", "--resume=True", check=False), "ckpt.pt", "unreadable")
 
 
 def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_path):
     common = ["--max_steps=2", "--save_every=2", "--batch_size=1", "--mba_dropout=0", "--seed=1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
-                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)  # raises if ranks diverge
+                   cwd=ROOT, capture_output=True, text=True, check=True)  # raises if ranks diverge
     run_train(*common, "--grad_accum=2", f"--out_dir={tmp_path / 'single'}")
     subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *common, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}"],
-                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)  # FSDP2 on CPU with gloo
+                   cwd=ROOT, capture_output=True, text=True, check=True)  # FSDP2 on CPU with gloo
     ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     single = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     fsdp = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["model"]
