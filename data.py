@@ -226,6 +226,7 @@ def coco_mask(segmentation, h, w):
     Polygons (a list of [x, y, ...]), one RLE or a list of RLEs (counts list or string); empty -> empty.
     """
     if not segmentation:
+        warn_once("annotation with an empty segmentation (scored as an empty mask)", f"{h}x{w} image")
         return torch.zeros(h, w, dtype=torch.bool)
     if isinstance(segmentation, dict):
         segmentation = [segmentation]

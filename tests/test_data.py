@@ -196,9 +196,11 @@ def test_refcocog_reader_gives_one_item_per_sentence_with_the_refer_api_mask(tmp
     assert data.WARNINGS["annotation points at nothing"] == before + 1
     assert [(s["id"], s["exprs"]) for s in ds] == [("0", ["the box"]), ("0", ["grey box"]), ("1", ["nothing"]),
                                                     ("4", ["the crowd"]), ("5", ["thin strip"])]
+    empty = data.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"]
     for s in ds:
         assert s["masks"].shape == (1, 1, 480, 640)
         assert np.array_equal(s["masks"][0, 0].numpy(), expected[s["id"]]), s["id"]
+    assert data.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"] == empty + 1  # "nothing"
     train = data.build_dataset("refcocog", str(tmp_path), train=True)
     assert len(train) == 1 and train[0]["exprs"] == ["train"]
 
