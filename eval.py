@@ -253,11 +253,16 @@ def run_images(model, tok, dataset, indices, args):
         sample = dataset[i]
         for k, expr in enumerate(sample["exprs"]):
             gt, maps = sample["masks"][k, 0].numpy(), {}
-            pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, force_seg=args.force_seg).cpu().numpy()
+            pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, **generation(args)).cpu().numpy()
             missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
             inter, union = intersection_union(None if missing else pred, gt)
             rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
     return rows
+
+
+def generation(args):
+    """How the answer is produced: generated (up to --max_new_tokens) or teacher-forced (--force_seg)."""
+    return {"force_seg": args.force_seg, "max_new_tokens": args.max_new_tokens}
 
 
 def video_frames(sample):
@@ -276,7 +281,7 @@ def run_videos(model, tok, dataset, indices, args, submission=None):
         sample = dataset[i]
         load_frame, num_frames = video_frames(sample)
         for k, expr in enumerate(sample["exprs"]):
-            preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, force_seg=args.force_seg)]
+            preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, **generation(args))]
             row = {"id": f"{sample['id']}/{k}", "expr": expr}
             if submission is not None:
                 write_submission_masks(*submission, sample, preds)
@@ -438,6 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0 = all)")
     p.add_argument("--num_samples", type=int, default=50, help="size of the generated synthetic splits")
     p.add_argument("--force_seg", type=salma.parse_bool, default=False, metavar="BOOL", help="teacher-force 'Sure, [SEG].' instead of generating")
+    p.add_argument("--max_new_tokens", type=int, default=2048,
+                   help="generation stops at <|im_end|> or after this many tokens (default 2048, as Sa2VA)")
     p.add_argument("--visualize", type=int, default=0, help="write figures for the first N image items and stop")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="precision (default auto: bf16 on CUDA and on CPUs with native bf16 matmuls, AVX-512 BF16 or AMX; "
@@ -448,7 +455,7 @@ def parse_args(argv=None):
     args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
     if args.dataset.startswith("synthetic") and args.split != "val":
         p.error(f"--split={args.split}: the generated sets have one split, val")
-    for name, least in (("num_samples", 1), ("limit", 0), ("visualize", 0)):
+    for name, least in (("num_samples", 1), ("limit", 0), ("visualize", 0), ("max_new_tokens", 1)):
         if getattr(args, name) < least:
             p.error(f"--{name}={getattr(args, name)}: must be at least {least}")
     args.out_dir = args.out_dir or os.path.join("eval_out", f"{args.dataset}_{args.split}" + ("_baseline" if args.mba is False else ""))

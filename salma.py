@@ -948,9 +948,9 @@ class SALMA(nn.Module):
             return text, z_seg, hidden, valid
 
     @torch.inference_mode()
-    def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False):
+    def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False, max_new_tokens=2048):
         """Referring segmentation of one PIL image: bool mask (H, W), or an empty mask without [SEG]."""
-        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg)
+        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg, max_new_tokens=max_new_tokens)
         w, h = image.size
         if z_seg.shape[0] == 0:
             if maps is not None:
@@ -1004,7 +1004,7 @@ def eval_prompt(expr, is_video):
 
 
 @torch.inference_mode()
-def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False):
+def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False, max_new_tokens=2048):
     """Masks of a video, one frame at a time (never all frames at SAM-2 size in memory).
 
     load_frame(t) -> PIL image. The first cfg.video_frames frames go to the MLLM; frames
@@ -1013,7 +1013,8 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
     """
     cfg, sam = model.cfg, model.grounding.sam2_model
     mllm_frames = [load_frame(t) for t in range(min(cfg.video_frames, num_frames))]
-    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg)
+    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg,
+                                           max_new_tokens=max_new_tokens)
     del mllm_frames
     if z_seg.shape[0] == 0:
         for t in range(num_frames):

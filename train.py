@@ -19,7 +19,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -78,18 +78,17 @@ def parse_args(argv=None):
     if train_cfg.lr == 0:
         train_cfg.lr = 4e-5 if train_cfg.init else 1e-3
     overrides = salma.preset_overrides(args)
-    check_flags(train_cfg, salma.Config.from_preset(args.preset, **overrides))
+    check_flags(train_cfg, args.preset, overrides)
     return train_cfg, salma.dataclass_from_args(losses.LossConfig, args), args.preset, overrides
 
 
-def check_flags(cfg, model_cfg):
+def check_flags(cfg, preset, overrides):
     """Refuse bad flags and missing files before any model is built (one line naming the flag)."""
     for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.lr < 0 or not 0 <= cfg.warmup_frac <= 1:
         raise ValueError(f"--lr={cfg.lr} / --warmup_frac={cfg.warmup_frac}: need lr >= 0 and 0 <= warmup_frac <= 1")
-    salma.check_config(model_cfg)
     data.parse_mix(cfg.data)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and cfg.fsdp:
@@ -99,6 +98,10 @@ def check_flags(cfg, model_cfg):
                                 f"{'drop --resume or ' if cfg.resume else ''}set --out_dir to a train.py run")
     if cfg.init and not os.path.isdir(cfg.init):
         raise FileNotFoundError(f"--init {cfg.init}: not a directory (an official Sa2VA / InternVL2.5 checkpoint)")
+    model_cfg = salma.Config.from_preset(preset)
+    if cfg.init:  # its config.json sets the sizes, as build_salma will
+        model_cfg = salma.config_from_hf(cfg.init, model_cfg)
+    salma.check_config(replace(model_cfg, **overrides))
     if cfg.sam2_ckpt and not os.path.isfile(cfg.sam2_ckpt):
         raise FileNotFoundError(f"--sam2_ckpt {cfg.sam2_ckpt}: SAM-2 checkpoint not found")
 

@@ -211,7 +211,8 @@ def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_
     refcoco_fixture(tmp_path)
     for mba in ("True", "False"):
         out = tmp_path / f"out_{mba}"
-        proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}")
+        proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}",
+                        "--max_new_tokens=24")  # generated, as Sa2VA evaluates; a 30-step model rarely stops by itself
         assert proc.returncode == 0, proc.stderr
         metrics = json.load(open(out / "metrics.json"))
         rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
