@@ -151,9 +151,9 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
     def place(self, rng, video):
         """3-6 objects that never overlap (in any frame of a video)."""
         w, h = self.size
-        objects = []
+        objects, wanted = [], rng.randint(3, 6)
         for _ in range(200):
-            if len(objects) == rng.randint(3, 6):
+            if len(objects) == wanted:
                 break
             size = rng.choice(list(SIZES))
             r = SIZES[size]
@@ -171,10 +171,8 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
                 objects.append(obj)
         return objects
 
-    def __getitem__(self, index):
-        rng = random.Random(self.seed * 1_000_003 + index)
-        video = rng.random() < self.video_fraction
-        objects = self.place(rng, video)
+    def expressions(self, objects, rng, video):
+        """Up to max_exprs (expression, target index) pairs, targets in random order."""
         order = list(range(len(objects)))
         rng.shuffle(order)
         exprs, targets = [], []
@@ -183,12 +181,21 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
             if text and len(exprs) < self.max_exprs:
                 exprs.append(text)
                 targets.append(i)
+        return exprs, targets
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed * 1_000_003 + index)
+        video = rng.random() < self.video_fraction
+        exprs = []
+        while not exprs:  # a scene where no object can be singled out is drawn again
+            objects = self.place(rng, video)
+            exprs, targets = self.expressions(objects, rng, video)
         frames, masks = [], []
         for t in range(self.num_frames if video else 1):
             moved = [moved_object(o, t) for o in objects]
             image, object_masks = render(moved, self.size)
             frames.append(image)
-            masks.append(object_masks[targets] if targets else object_masks[:0])
+            masks.append(object_masks[targets])
         return {"id": f"synthetic-{self.seed}-{index}", "frames": frames, "exprs": exprs,
                 "masks": torch.stack(masks, dim=1), "is_video": video, "conversation": None,
                 "objects": objects, "targets": targets}

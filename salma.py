@@ -20,6 +20,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -296,7 +297,8 @@ def encode_turns(tok, turns, system_prompt, media):
         if answer is not None:
             add(answer + "<|im_end|>", is_answer=True)
             add("\n")
-    return (torch.tensor(ids), torch.tensor(labels), torch.tensor(text_masks, dtype=torch.bool).reshape(len(turns), len(ids)))
+    return (torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+            torch.tensor(text_masks, dtype=torch.bool).reshape(len(turns), len(ids)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +340,9 @@ def dynamic_tiles(image, max_tiles, tile):
 def to_tensor(image, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """PIL image -> (3, size, size) float, resized directly (bicubic), normalised."""
     image = image.convert("RGB").resize((size, size), resample=3)
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    x = x.permute(2, 0, 1).float() / 255
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    x = np.asarray(image, dtype=np.float32) / 255  # (S, S, 3); numpy: no thread start-up per small image
+    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
 def mllm_pixels(frames, cfg, is_video):

@@ -268,7 +268,7 @@ def main(argv=None):
         step = state["step"]
     autocast = salma.autocast_for(salma.resolve_dtype(train_cfg.dtype, device), device)  # weights stay fp32
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
-    batches = data.batch_iterator(dataset, sampler, train_cfg.batch_size)
+    batches = training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg)
     log_path = os.path.join(train_cfg.out_dir, "log.jsonl")
     if master:
         tokenizer.save(os.path.join(train_cfg.out_dir, "tokenizer.json"))  # out_dir alone rebuilds the model
@@ -280,9 +280,7 @@ def main(argv=None):
         ramp = losses.ramp(step, train_cfg.max_steps, loss_cfg.ramp_frac)
         logs = {}
         for micro in range(train_cfg.grad_accum):
-            samples, indices = next(batches)
-            batch = data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
-            batch = salma.to_device(batch, device)
+            batch = salma.to_device(next(batches), device)
             last = micro == train_cfg.grad_accum - 1
             sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
             with sync, autocast:
@@ -312,6 +310,12 @@ def main(argv=None):
     bar.close()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg):
+    """Endless batches of SALMA.forward tensors in sampler order; sample i's prompt drawn from (seed, i)."""
+    for samples, indices in data.batch_iterator(dataset, sampler, train_cfg.batch_size):
+        yield data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
 
 
 def build_model(train_cfg, preset, overrides):

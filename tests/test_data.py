@@ -51,6 +51,7 @@ def test_every_expression_identifies_exactly_its_target():
     for i in range(len(ds)):
         s = ds[i]
         assert s["exprs"], s["id"]
+        assert 3 <= len(s["objects"]) <= 6, s["id"]
         for text, target in zip(s["exprs"], s["targets"]):
             assert referents(text, s["objects"]) == [target], (s["id"], text)
             kinds.add("relation" if any(r in text for r in (" left of ", " right of ", " above ", " below ")) else
