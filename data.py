@@ -619,7 +619,9 @@ SEG_ANSWERS = ["It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the 
 
 
 def sample_turns(sample, rng):
-    """Chat turns of a sample: one question/answer per expression, or its LLaVA conversation."""
+    """Chat turns of a sample: its own turns, its LLaVA conversation, or one question/answer per expression."""
+    if sample.get("turns"):
+        return sample["turns"]
     if sample.get("conversation"):
         conv = sample["conversation"]
         return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
@@ -629,12 +631,17 @@ def sample_turns(sample, rng):
     return turns
 
 
-def make_train_batch(samples, tokenizer, cfg, seeds):
-    """Tensors for SALMA.forward from a list of samples (frames, exprs, masks, is_video)."""
+def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
+    """Tensors for SALMA.forward from a list of samples (frames, exprs or turns, masks, is_video).
+
+    The k-th [SEG] of a sample answers its k-th mask (one per expression, or one per phrase of a
+    grounded caption). A conversation longer than max_tokens is cut at a turn boundary (counted).
+    Samples with prompt_masks (n, H, W) get Sa2VA's region prompt after their image.
+    """
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     seg_id = tokenizer.token_to_id(salma.SEG)
     low_res = cfg.sam_image_size // 4
-    ids, labels, pixels, sam_frames = [], [], [], []
+    ids, labels, pixels, sam_frames, context_index = [], [], [], [], []
     seg_index, seg_text, pair_seg, pair_frame, pair_masks = [], [], [], [], []
     for row, (sample, seed) in enumerate(zip(samples, seeds)):
         rng = random.Random(seed)
@@ -643,14 +650,23 @@ def make_train_batch(samples, tokenizer, cfg, seeds):
         if frames:
             tiles = salma.mllm_pixels(frames, cfg, sample["is_video"])
             media = salma.media_placeholder(tiles.shape[0], cfg, sample["is_video"])
+            grid = salma.region_grid_masks(sample["prompt_masks"], cfg) if sample.get("prompt_masks") is not None else None
+            if grid is not None:
+                media += salma.region_prompt(grid)
+            first_tile = sum(len(p) for p in pixels)
+            context_index.append(salma.region_context_index(tiles.shape[0], cfg.num_image_tokens, grid, first_tile))
             pixels.append(tiles)
-        row_ids, row_labels, text_masks = salma.encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
+        encoded = salma.encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
+        row_ids, row_labels, text_masks = cut_to_fit(encoded, tokenizer, cfg.system_prompt, max_tokens, sample["id"])
         first_frame = len(sam_frames)
         sam_frames.extend(frames)
         positions = (row_ids == seg_id).nonzero().flatten()
-        for k, pos in enumerate(positions.tolist()):  # the k-th [SEG] answers the k-th expression
+        if len(positions) > sample["masks"].shape[0]:
+            raise ValueError(f"{sample['id']}: {len(positions)} [SEG] tokens for {sample['masks'].shape[0]} masks")
+        turn_of = turn_index(row_ids, tokenizer, cfg.system_prompt)
+        for k, pos in enumerate(positions.tolist()):  # the k-th [SEG] answers the k-th mask
             seg_index.append((row, pos))
-            seg_text.append(text_masks[k])
+            seg_text.append(text_masks[turn_of[pos]])  # the words of the question it answers
             for t in range(len(frames)):
                 pair_seg.append(len(seg_index) - 1)
                 pair_frame.append(first_frame + t)
@@ -658,7 +674,7 @@ def make_train_batch(samples, tokenizer, cfg, seeds):
         ids.append(row_ids)
         labels.append(row_labels)
     length = max(len(x) for x in ids)
-    return {
+    batch = {
         "input_ids": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=pad_id) for x in ids]),
         "labels": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=-100) for x in labels]),
         "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
@@ -670,3 +686,37 @@ def make_train_batch(samples, tokenizer, cfg, seeds):
         "pair_frame": torch.tensor(pair_frame, dtype=torch.long),
         "pair_masks": torch.stack(pair_masks) if pair_masks else torch.zeros(0, low_res, low_res),
     }
+    if any(s.get("prompt_masks") is not None for s in samples):  # else every image token once, in order
+        batch["context_index"] = torch.cat(context_index)
+    return batch
+
+
+def turn_starts(ids, tokenizer, system_prompt):
+    """Positions (n_turns,) where each user turn begins (its <|im_start|>)."""
+    starts = (ids == tokenizer.token_to_id("<|im_start|>")).nonzero().flatten()
+    return starts[(1 if system_prompt else 0)::2].contiguous()  # user, assistant, user, ... after the system turn
+
+
+def turn_index(ids, tokenizer, system_prompt):
+    """The turn each token belongs to (L,), 0-based (the system prompt counts as turn 0)."""
+    starts = turn_starts(ids, tokenizer, system_prompt)
+    return (torch.searchsorted(starts, torch.arange(len(ids)), right=True) - 1).clamp_min(0)
+
+
+def cut_to_fit(encoded, tokenizer, system_prompt, max_tokens, sample_id):
+    """Drop whole turns from the end of (ids, labels, text_masks) until it fits max_tokens (counted).
+
+    The first turn is always kept (it holds the image); if it alone is too long, it is kept whole
+    and counted as such.
+    """
+    ids, labels, text_masks = encoded
+    if len(ids) <= max_tokens:
+        return encoded
+    starts = turn_starts(ids, tokenizer, system_prompt).tolist() + [len(ids)]
+    keep = max([n for n in range(1, len(starts)) if starts[n] <= max_tokens], default=1)
+    if starts[keep] > max_tokens:
+        warn_once("first turn longer than the context, kept whole", f"{sample_id}: {starts[keep]} > {max_tokens} tokens")
+    else:
+        warn_once("conversation cut at a turn boundary to fit the context", f"{sample_id}: {len(ids)} > {max_tokens} tokens")
+    end = starts[keep]
+    return ids[:end], labels[:end], text_masks[:keep, :end]

@@ -601,31 +601,37 @@ class InternVL(nn.Module):
         x = pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.cfg.downsample_ratio)
         return self.mlp1(x.reshape(x.shape[0], -1, x.shape[-1]))
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings (B, L, D) with the <IMG_CONTEXT> rows replaced by image tokens in order."""
+    def embed(self, input_ids, pixel_values=None, context_index=None):
+        """Token embeddings (B, L, D) with the <IMG_CONTEXT> rows replaced by image tokens in order.
+
+        context_index (N_ctx,): which image token (flattened over tiles) fills each <IMG_CONTEXT>;
+        None = every token once, in order (region prompts repeat tokens: region_context_index).
+        """
         embeds = self.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
         image_tokens = self.extract_feature(pixel_values.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+        if context_index is not None:
+            image_tokens = image_tokens[context_index.to(image_tokens.device)]
         is_image = input_ids == self.img_context_id
         if int(is_image.sum()) != image_tokens.shape[0]:
             raise ValueError(f"{int(is_image.sum())} <IMG_CONTEXT> tokens for {image_tokens.shape[0]} image tokens")
         return embeds.masked_scatter(is_image[..., None], image_tokens.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False, context_index=None):
         """Logits (B, L, V) and, on request, every layer's hidden states (list of (B, L, D))."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, context_index)
         return self.language_model(embeds, attention_mask, output_hidden_states=output_hidden_states)
 
     @torch.inference_mode()
-    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False):
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False, context_index=None):
         """Greedy decoding of one prompt (1, L) with the KV cache.
 
         Returns (generated ids (T,), hidden states of prompt + generated tokens (list per layer of
         (1, L + T - 1, D)) when keep_hidden, else None). Stops after a stop id or max_new_tokens.
         """
         cache = [{} for _ in self.language_model.layers]
-        out = self.language_model(self.embed(input_ids, pixel_values), cache=cache, output_hidden_states=keep_hidden)
+        out = self.language_model(self.embed(input_ids, pixel_values, context_index), cache=cache, output_hidden_states=keep_hidden)
         hidden = [[h] for h in out["hidden_states"]] if keep_hidden else None
         generated = []
         for _ in range(max_new_tokens):
@@ -641,6 +647,40 @@ class InternVL(nn.Module):
         if keep_hidden:
             hidden = [torch.cat(h, dim=1) for h in hidden]
         return torch.tensor(generated, dtype=torch.long), hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# visual prompts: Sa2VA's region prompts (Osprey-style "describe region1")
+#
+# A region enters the LLM as <vp> + one <IMG_CONTEXT> per token of the image's last tile (the
+# thumbnail, or the only tile) that its mask covers on the 16x16 token grid + </vp>; those tokens
+# are copies of that tile's image tokens (after mlp1), taken in row-major order. No new weights.
+
+VP_START, VP_END = "<vp>", "</vp>"
+REGION_QUESTION = "Please give me a short description of the region in the picture marked by region1."
+
+
+def region_grid_masks(masks, cfg):
+    """Region masks (n, H, W) -> bool (n, g, g) on the tile's token grid (g = 16), nearest as Sa2VA."""
+    g = int(cfg.image_size // cfg.patch_size * cfg.downsample_ratio)
+    return F.interpolate(masks[None].float(), size=(g, g), mode="nearest")[0] > 0
+
+
+def region_prompt(grid_masks):
+    """'\nThere are n part regions in the picture: region1<vp>...</vp>, region2<vp>...</vp>.\n'."""
+    regions = [f"region{i + 1}{VP_START}{IMG_CONTEXT * int(m.sum())}{VP_END}" for i, m in enumerate(grid_masks)]
+    return f"\nThere are {len(regions)} part regions in the picture: " + ", ".join(regions) + ".\n"
+
+
+def region_context_index(num_tiles, tokens_per_tile, grid_masks=None, first_tile=0):
+    """Image token (flattened over all tiles) for each <IMG_CONTEXT> of one image: its tiles in order,
+    then for each region the tokens of its last tile under the region's grid mask (row-major)."""
+    start = first_tile * tokens_per_tile
+    index = [torch.arange(start, start + num_tiles * tokens_per_tile)]
+    last_tile = start + (num_tiles - 1) * tokens_per_tile
+    for m in grid_masks if grid_masks is not None else []:
+        index.append(last_tile + m.flatten().nonzero().flatten())
+    return torch.cat(index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -895,7 +935,8 @@ class SALMA(nn.Module):
         (F, 3, S, S), seg_index (N_seg, 2) = (row, position) of each [SEG], seg_text (N_seg, L) bool,
         pair_seg / pair_frame (P,): which [SEG] and which SAM frame each (mask, frame) pair uses.
         """
-        out = self.mllm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], output_hidden_states=True)
+        out = self.mllm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], output_hidden_states=True,
+                        context_index=batch.get("context_index"))
         rows, cols = batch["seg_index"].unbind(1)
         z_seg = self.text_hidden_fcs(out["hidden_states"][-1][rows, cols])  # (N_seg, C)
         seg, frame = batch["pair_seg"], batch["pair_frame"]
@@ -921,24 +962,35 @@ class SALMA(nn.Module):
     # --- inference
 
     @torch.inference_mode()
-    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048):
+    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048, regions=None):
         """MLLM on Sa2VA's eval prompt -> (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L)).
 
         Greedy generation as Sa2VA evaluates; force_seg=True instead teacher-forces the answer
         "Sure, [SEG]." (one forward, for models not yet trained to answer with [SEG]).
+        regions: bool masks (n, H, W) on an image, given as Sa2VA's region prompt (predict_forward's
+        mask_prompts); expr is then the whole question, e.g. REGION_QUESTION.
         """
         with self.autocast():
             cfg = self.cfg
             pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
             media = media_placeholder(pixel_values.shape[0], cfg, is_video)
-            turn = (eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None)
+            question, context_index = eval_prompt(expr, is_video), None
+            if regions is not None:
+                if is_video:
+                    raise ValueError("region prompts are for images (as in Sa2VA), not videos")
+                grid = region_grid_masks(regions, cfg)
+                media += region_prompt(grid)
+                question = "<image>\n" + expr
+                context_index = region_context_index(pixel_values.shape[0], cfg.num_image_tokens, grid)
+            turn = (question, FORCED_ANSWER if force_seg else None)
             ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
             if force_seg:
-                out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True)
+                out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True, context_index=context_index)
                 sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
             else:
                 stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
-                generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True)
+                generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True,
+                                                       context_index=context_index)
                 sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
                 text = tokenizer.decode(generated.tolist())
             seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
@@ -948,6 +1000,11 @@ class SALMA(nn.Module):
             valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
             hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
             return text, z_seg, hidden, valid
+
+    def describe_region(self, image, masks, tokenizer, question=REGION_QUESTION, max_new_tokens=64):
+        """Text about the regions masks (n, H, W) of a PIL image ("region1", ... in the question)."""
+        text = self.answer([image], question, tokenizer, max_new_tokens=max_new_tokens, regions=masks)[0]
+        return text.replace("<|im_end|>", "").replace("<|endoftext|>", "").strip()
 
     @torch.inference_mode()
     def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False, max_new_tokens=2048):

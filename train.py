@@ -42,6 +42,7 @@ class TrainConfig:
     max_steps: int = 300  # optimizer steps
     batch_size: int = 2  # per device
     grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 8192  # tokens per sample (Sa2VA's); longer conversations are cut at a turn boundary (counted)
     lr: float = 0.0  # 0 = auto: 4e-5 (the recipe) with --init, 1e-3 from scratch
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.05  # AdamW weight decay (matrices only)
@@ -308,6 +309,10 @@ def main(argv=None):
             if master:
                 save_checkpoint(ckpt_path, weights, None if train_cfg.fsdp else optimizer, scheduler, sampler, step, configs)
     bar.close()
+    if master and data.WARNINGS:  # skipped, truncated or cut samples, by reason
+        print("data problems handled:", dict(data.WARNINGS))
+        with open(os.path.join(train_cfg.out_dir, "data_problems.json"), "w") as f:
+            json.dump(dict(data.WARNINGS), f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -315,7 +320,8 @@ def main(argv=None):
 def training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg):
     """Endless batches of SALMA.forward tensors in sampler order; sample i's prompt drawn from (seed, i)."""
     for samples, indices in data.batch_iterator(dataset, sampler, train_cfg.batch_size):
-        yield data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices])
+        yield data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices],
+                                    max_tokens=train_cfg.max_length)
 
 
 def build_model(train_cfg, preset, overrides):
