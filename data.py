@@ -10,6 +10,8 @@ Every dataset yields the same dict: {"id", "frames": [PIL RGB] (T), "exprs": [st
 "masks": bool (N, T, H, W), "is_video", "conversation"}; long evaluation videos give
 "frame_paths" (read lazily with load_image) and "load_masks" (None on a split without ground truth)
 instead of frames and masks.
+The rest of the training mix (GCG, SA-V, Osprey, Video-ChatUniVi) also gives "turns" [(question,
+answer)] (the k-th [SEG] of the answers goes with the k-th mask) and, for Osprey, "prompt_masks" (n, H, W).
 """
 
 import json
@@ -20,6 +22,7 @@ import random
 import warnings
 from collections import Counter
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -502,24 +505,388 @@ LLAVA_FILE = "llava_v1_5_mix665k.json"
 
 
 def build_dataset(name, root="", split="", train=False, seed=0, num_samples=None):
-    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava.
+    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava, or MIX_NAMES.
 
     split "" = the official evaluation split (EVAL_SPLITS), or train with train=True.
     """
-    if name not in EVAL_SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; choose {', '.join(EVAL_SPLITS)}")
-    split = split or ("train" if train else EVAL_SPLITS[name])
+    if name not in EVAL_SPLITS and name not in MIX_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose {', '.join([*EVAL_SPLITS, *MIX_NAMES])}")
     if name == "synthetic":
         n = num_samples or (10_000 if train else 200)
         return SyntheticRefDataset(n, seed=seed if train else seed + 10_000)
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (README: Data)")
+    if name in MIX_NAMES:  # training sets only
+        return build_mix_dataset(name, root, seed)
+    split = split or ("train" if train else EVAL_SPLITS[name])
     if name in ("refcoco", "refcoco+", "refcocog"):
         return RefCOCODataset(root, name, split, per_expression=not train)
     if name == "llava":
         return LLaVAChatDataset(os.path.join(root, "llava", LLAVA_FILE), os.path.join(root, "llava"))
     readers = {"ytvos": ytvos_items, "davis17": ytvos_items, "mevis": mevis_items, "revos": revos_items}
     return VideoRefDataset(readers[name](os.path.join(root, name), split), train=train, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest of Sa2VA's training mix, in Sa2VA's layouts under --data_root: grounded captions (GCG),
+# SA-V masklets with object expressions, Osprey-724k region conversations, Video-ChatUniVi
+
+
+def read_video_frames(path, indices):
+    """RGB PIL frames at the given decode-order indices of a video file (PyAV), or one clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (README)")
+    wanted, got, count = set(indices), {}, 0
+    try:
+        with av.open(path) as container:
+            for count, frame in enumerate(container.decode(video=0), start=1):
+                if count - 1 in wanted:
+                    got[count - 1] = frame.to_image()
+                if len(got) == len(wanted):
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: cannot read video ({e})") from None
+    if len(got) < len(wanted):
+        raise ValueError(f"{path}: {count} frames, but frame {max(wanted)} is needed")
+    return [got[t] for t in indices]
+
+
+def count_video_frames(path):
+    """Number of frames of a video file (from the stream header, else by counting packets)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (README)")
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            return stream.frames or sum(1 for p in container.demux(stream) if p.size)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: cannot read video ({e})") from None
+
+
+def merged_turns(messages, first_prefix="<image>"):
+    """[(user, answer)] of LLaVA-style messages as Sa2VA joins them: leading answers dropped,
+    consecutive questions concatenated; first_prefix opens the first question."""
+    turns, question = [], ""
+    while messages and messages[0]["from"] == "gpt":
+        messages = messages[1:]
+    for msg in messages:
+        if msg["from"] == "human":
+            question += msg["value"]
+        else:
+            turns.append((question, msg["value"]))
+            question = ""
+    if turns:
+        turns[0] = (first_prefix + turns[0][0], turns[0][1])
+    return turns
+
+
+# --- grounded caption generation (GLaMM's GCG sets, as Sa2VA trains on them)
+
+GCG_QUESTIONS = [
+    "Could you please give me a brief description of the image? Please respond with interleaved segmentation masks for the corresponding parts of the answer.",
+    "Can you provide a brief description of the this image? Please output with interleaved segmentation masks for the corresponding phrases.",
+    "Please briefly describe the contents of the image. Please respond with interleaved segmentation masks for the corresponding parts of the answer.",
+    "Could you give a brief explanation of what can be found within this picture? Please output with interleaved segmentation masks for the corresponding phrases.",
+    "Could you give me an brief explanation of this picture? Please respond with interleaved segmentation masks for the corresponding phrases.",
+    "Could you provide me with a briefly analysis of this photo? Please output with interleaved segmentation masks for the corresponding parts of the answer.",
+]
+GCG_FILES = {  # name: (annotation file, image folder) under glamm_data/, as Sa2VA's configs place them
+    "gcg_refcocog": ("annotations/RefCOCOg_GCG_train.json", "images/coco2014/train2014"),
+    "gcg_grandf": ("annotations/GranDf_HA_GCG_train.json", "images/grandf/train"),
+    "gcg_flickr": ("annotations/flickr_mergedGT_GCG_train.json", "images/flickr30k/Flickr30K"),
+    "gcg_psg": ("annotations/OpenPsgGCG_train.json", "images/coco2017"),
+}
+
+
+def tag_caption(caption, spans):
+    """The GCG answer: each phrase (start, end) becomes '<p> phrase </p> [SEG]' in the caption."""
+    for start, end in sorted(spans, reverse=True):
+        caption = f"{caption[:start]}<p> {caption[start:end]} </p> [SEG]{caption[end:]}"
+    return caption
+
+
+def refcocog_gcg_records(path):
+    """RefCOCOg-GCG: [{id: {img_file_name, caption, refs: [{sentence, segmentation (polygons)}]}}].
+
+    The caption is lower-cased, a phrase is kept where it occurs in it, and a phrase overlapping
+    the next one ends one character before it, as Sa2VA's parser does (in caption order here).
+    """
+    records = []
+    for entry in read_json(path):
+        (image_id, rec), = entry.items()
+        caption = rec["caption"].strip('"').strip().lower()
+        phrases = []
+        for ref in rec["refs"]:
+            start = caption.find(ref["sentence"].lower())
+            if start >= 0:
+                phrases.append([start, start + len(ref["sentence"]), ref["segmentation"]])
+        phrases.sort(key=lambda p: p[0])
+        for a, b in zip(phrases, phrases[1:]):
+            if a[1] >= b[0]:
+                a[1] = b[0] - 1
+        records.append({"id": image_id, "image": rec["img_file_name"], "caption": caption, "phrases": phrases})
+    return records
+
+
+def grandf_gcg_records(path):
+    """GranDf / OpenPSG GCG: [{file_name, caption, groundings: {phrase: {token_positives, rle_masks}}}]."""
+    records = []
+    for rec in read_json(path):
+        phrases = [[*g["token_positives"], g["rle_masks"]] for g in rec["groundings"].values() if g is not None]
+        records.append({"id": str(rec.get("image_id", rec["file_name"])), "image": rec["file_name"],
+                        "caption": rec["caption"].strip('"').strip(), "phrases": sorted(phrases, key=lambda p: p[0])})
+    return records
+
+
+def flickr_gcg_records(path):
+    """Flickr30k GCG (COCO layout): images with a caption; annotations with tokens_positive and sam_mask.
+
+    As Sa2VA: captions under 3 words and images under 32 px are left out, boxes outside the image
+    or of no area are skipped, each box grounds its first span.
+    """
+    coco = read_json(path)
+    anns = {}
+    for ann in coco["annotations"]:
+        anns.setdefault(ann["image_id"], []).append(ann)
+    records = []
+    for info in coco["images"]:
+        h, w = int(info["height"]), int(info["width"])
+        if len(info["caption"].split(" ")) < 3 or min(h, w) < 32:
+            warn_once("GCG image left out (short caption or tiny image)", f"{path}: image {info['id']}")
+            continue
+        phrases = []
+        for ann in anns.get(info["id"], []):
+            x, y, bw, bh = ann["bbox"]
+            inside = max(0, min(x + bw, w) - max(x, 0)) * max(0, min(y + bh, h) - max(y, 0))
+            if ann.get("ignore", False) or inside == 0 or ann["area"] <= 0 or bw < 1 or bh < 1:
+                continue
+            phrases.append([*ann["tokens_positive"][0], [ann["sam_mask"]]])
+        records.append({"id": str(info["id"]), "image": info["file_name"], "caption": info["caption"],
+                        "phrases": sorted(phrases, key=lambda p: p[0])})
+    return records
+
+
+class GCGDataset(torch.utils.data.Dataset):
+    """Grounded captions: one question, a caption whose phrases are each followed by their [SEG],
+    one mask per phrase (the union of its parts) in caption order."""
+
+    def __init__(self, records, image_dir, source, seed=0):
+        self.records = [r for r in records if r["phrases"]]
+        if len(self.records) < len(records):
+            warn_once("GCG caption without grounded phrases left out", f"{source}: {len(records) - len(self.records)} captions")
+        self.image_dir, self.seed = image_dir, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        image = load_image(os.path.join(self.image_dir, rec["image"]))
+        masks = torch.stack([coco_mask(parts, image.height, image.width) for _, _, parts in rec["phrases"]])
+        answer = tag_caption(rec["caption"], [(s, e) for s, e, _ in rec["phrases"]])
+        return {"id": rec["id"], "frames": [image], "exprs": [rec["caption"][s:e] for s, e, _ in rec["phrases"]],
+                "masks": masks[:, None], "is_video": False, "conversation": None,
+                "turns": [("<image>\n" + rng.choice(GCG_QUESTIONS), answer)]}
+
+
+def build_gcg(name, root, seed):
+    """One GCG set (gcg_refcocog, gcg_grandf, gcg_flickr, gcg_psg) from {root}/glamm_data/."""
+    ann, images = GCG_FILES[name]
+    path = os.path.join(root, "glamm_data", ann)
+    parse = {"gcg_refcocog": refcocog_gcg_records, "gcg_flickr": flickr_gcg_records}.get(name, grandf_gcg_records)
+    return GCGDataset(parse(path), os.path.join(root, "glamm_data", images), path, seed)
+
+
+# --- SA-V masklets with object expressions (Sa2VA's sam_v_final_v3.json; Ref-SAV.json has the same layout)
+
+SAV_QUESTION = "Please segment the object according to the description: {}"
+
+
+def sav_paths(video_dir, entry):
+    """The video and masklet files of an entry; Sa2VA's files repeat 'sav_xxx/' before 'sav_train/', dropped if absent."""
+    video, anno = (os.path.join(video_dir, entry[k]) for k in ("video_path", "anno_path"))
+    parts = entry["video_path"].split("/")
+    if not os.path.isfile(video) and "sav_train" in parts:
+        i = parts.index("sav_train")
+        if 0 < i < len(parts) - 1 and parts[i - 1] == parts[i + 1]:
+            drop = lambda p: os.path.join(video_dir, *(p.split("/")[:i - 1] + p.split("/")[i:]))  # noqa: E731
+            video, anno = drop(entry["video_path"]), drop(entry["anno_path"])
+    return video, anno
+
+
+class SAVDataset(torch.utils.data.Dataset):
+    """SA-V as Sa2VA trains on it: per video, 5 objects drawn with replacement, one question per object
+    on its long expression ("formated"), 5 of the annotated frames (every 4th video frame)."""
+
+    def __init__(self, expression_file, video_dir, seed=0, num_objects=5, num_frames=5):
+        self.videos = read_json(expression_file)
+        self.ids = list(self.videos)
+        self.video_dir, self.seed, self.num_objects, self.num_frames = video_dir, seed, num_objects, num_frames
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        entry = self.videos[self.ids[index]]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        video_path, anno_path = sav_paths(self.video_dir, entry)
+        masklet = read_json(anno_path)["masklet"]  # per annotated frame, one RLE per object
+        objects = [rng.choice(list(entry["objects"])) for _ in range(self.num_objects)]
+        n = len(masklet)
+        chosen = sorted(rng.sample(range(n), self.num_frames) if n > self.num_frames + 1 else rng.choices(range(n), k=self.num_frames))
+        frames = read_video_frames(video_path, [4 * t for t in chosen])
+        masks = torch.stack([torch.stack([coco_mask(masklet[t][int(o)], frames[0].height, frames[0].width) for t in chosen])
+                             for o in objects])  # (objects, T, H, W)
+        exprs = [entry["objects"][o]["formated"] for o in objects]
+        turns = [(SAV_QUESTION.format(e), rng.choice(SEG_ANSWERS)) for e in exprs]
+        turns[0] = ("<image>" + turns[0][0], turns[0][1])
+        return {"id": self.ids[index], "frames": frames, "exprs": exprs, "masks": masks, "is_video": True,
+                "conversation": None, "turns": turns}
+
+
+# --- Osprey-724k: region conversations through Sa2VA's region prompts
+
+OSPREY_FILES = {  # file under osprey-724k/Osprey-724K/: how its records read, as Sa2VA's configs
+    "osprey_conversation.json": "conversation", "osprey_detail_description.json": "description",
+    "osprey_short_form.json": "short", "osprey_part_level.json": "conversation",
+    "osprey_lvis_positive_negative.json": "conversation",
+}
+OSPREY_IMAGE_DIRS = ["coco/train2014", "coco/val2014", "coco/train2017", "coco/val2017"]
+OSPREY_SHORT = " Answer the question using a single word or phrase."
+DETAILED_QUESTIONS = [  # Osprey's questions for its detailed descriptions (<region> -> region{i})
+    "Can you provide me with a detailed description of the region in the picture marked by <region>?",
+    "I'm curious about the region represented by <region> in the picture. Could you describe it in detail?",
+    "What can you tell me about the region indicated by <region> in the image?",
+    "I'd like to know more about the area in the photo labeled <region>. Can you give me a detailed description?",
+    "Could you describe the region shown as <region> in the picture in great detail?",
+    "What details can you give me about the region outlined by <region> in the photo?",
+    "Please provide me with a comprehensive description of the region marked with <region> in the image.",
+    "Can you give me a detailed account of the region labeled as <region> in the picture?",
+    "I'm interested in learning more about the region represented by <region> in the photo. Can you describe it in detail?",
+    "What is the region outlined by <region> in the picture like? Could you give me a detailed description?",
+    "Can you provide me with a detailed description of the region in the picture marked by <region>, please?",
+    "I'm curious about the region represented by <region> in the picture. Could you describe it in detail, please?",
+    "What can you tell me about the region indicated by <region> in the image, exactly?",
+    "I'd like to know more about the area in the photo labeled <region>, please. Can you give me a detailed description?",
+    "Could you describe the region shown as <region> in the picture in great detail, please?",
+    "What details can you give me about the region outlined by <region> in the photo, please?",
+    "Please provide me with a comprehensive description of the region marked with <region> in the image, please.",
+    "Can you give me a detailed account of the region labeled as <region> in the picture, please?",
+    "I'm interested in learning more about the region represented by <region> in the photo. Can you describe it in detail, please?",
+    "What is the region outlined by <region> in the picture like, please? Could you give me a detailed description?",
+    "Please describe the region <region> in the image in detail.",
+    "Can you offer a thorough analysis of the region <region> in the image?",
+    "Could you elaborate on the region highlighted by <region> in the picture provided?",
+    "Please share more information about the zone emphasized with <region> in the photo.",
+    "What insights can you give about the area denoted by <region> in the image presented?",
+    "Can you share a comprehensive rundown of the region denoted by <region> in the presented image?",
+    "I'd like to know more about the region highlighted by <region> in the picture provided.",
+    "Work through the important details of the area <region> in the image.",
+    "Illustrate the area represented by <region> through a descriptive explanation.",
+    "Examine the region <region> closely and share its details.",
+]
+
+
+def no_angles(text):
+    """Osprey's texts with '<' and '>' removed ('<region1>' -> 'region1'), as Sa2VA reads them."""
+    return text.replace("<", "").replace(">", "")
+
+
+class OspreyDataset(torch.utils.data.Dataset):
+    """Osprey-724k records {file_name, height, width, annotation: [{segmentation}], conversations |
+    description}: the regions enter as prompt_masks (Sa2VA's region prompt after the image)."""
+
+    def __init__(self, json_path, image_dirs, kind, seed=0):
+        self.records, self.image_dirs, self.kind, self.seed = read_json(json_path), image_dirs, kind, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def turns(self, rec, rng):
+        """(question, answer) turns; the first question opens with <image> (its region prompt follows it)."""
+        if self.kind == "description":
+            messages = []
+            for i, text in enumerate(rec["description"]):
+                question = rng.choice(DETAILED_QUESTIONS).strip().replace("<region>", f"region{i + 1}")
+                messages += [{"from": "human", "value": question}, {"from": "gpt", "value": no_angles(text)}]
+        else:
+            limit = OSPREY_SHORT if self.kind == "short" else ""
+            messages = [{"from": m["from"], "value": no_angles(m["value"]) + (limit if m["from"] == "human" else "")}
+                        for m in rec["conversations"]]
+        return merged_turns(messages)
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        paths = [os.path.join(d, rec["file_name"]) for d in self.image_dirs]
+        image = load_image(next((p for p in paths if os.path.isfile(p)), paths[0]))
+        h, w = rec["height"], rec["width"]
+        regions = [a["segmentation"] for a in rec["annotation"]]
+        prompt_masks = torch.stack([coco_mask(s, h, w) for s in regions])
+        return {"id": str(rec.get("id", index)), "frames": [image], "exprs": [], "is_video": False, "conversation": None,
+                "masks": torch.zeros(0, 1, image.height, image.width, dtype=torch.bool),
+                "prompt_masks": prompt_masks, "turns": self.turns(rec, rng)}
+
+
+# --- Video-ChatUniVi: video conversations, 5 frames sampled as Sa2VA does
+
+
+def chat_frame_indices(num_frames, k, rng):
+    """All frames if there are at most k, else one random frame in each of k equal segments (Sa2VA)."""
+    if num_frames <= k:
+        return list(range(num_frames))
+    bounds = np.linspace(0, num_frames, num=k + 1, dtype=int)
+    return [rng.randrange(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+class VideoChatDataset(torch.utils.data.Dataset):
+    """Video-ChatUniVi's video_chat.json [{video, conversations}] with its videos; no masks."""
+
+    def __init__(self, json_path, video_dir, seed=0, num_frames=5):
+        self.records, self.video_dir, self.seed, self.num_frames = read_json(json_path), video_dir, seed, num_frames
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        path = os.path.join(self.video_dir, rec["video"])
+        if not os.path.isfile(path) and os.path.isfile(path.replace("mkv", "mp4")):
+            path = path.replace("mkv", "mp4")  # as Sa2VA
+        frames = read_video_frames(path, chat_frame_indices(count_video_frames(path), self.num_frames, rng))
+        questions = [m["value"].replace("<image>", "") for m in rec["conversations"] if m["from"] == "human"]
+        answers = [m["value"] for m in rec["conversations"] if m["from"] != "human"]
+        if len(questions) != len(answers):
+            raise ValueError(f"{self.video_dir}: video {rec['video']} has {len(questions)} questions for {len(answers)} answers")
+        turns = list(zip(questions, answers))
+        turns[0] = ("<image>" + turns[0][0], turns[0][1])
+        return {"id": rec.get("id", rec["video"]), "frames": frames, "exprs": [], "is_video": True, "conversation": None,
+                "masks": torch.zeros(0, len(frames), frames[0].height, frames[0].width, dtype=torch.bool), "turns": turns}
+
+
+MIX_NAMES = ["gcg", *GCG_FILES, "sav", "ref_sav", "osprey", "video_chat"]
+
+
+def build_mix_dataset(name, root, seed=0):
+    """Training sets of the rest of the mix by name (MIX_NAMES); gcg and osprey join their parts."""
+    if name == "gcg":
+        return MixedDataset([(build_gcg(n, root, seed), 1) for n in GCG_FILES])
+    if name in GCG_FILES:
+        return build_gcg(name, root, seed)
+    if name in ("sav", "ref_sav"):
+        folder = os.path.join(root, "sav")
+        expressions = "sam_v_final_v3.json" if name == "sav" else "Ref-SAV.json"
+        return SAVDataset(os.path.join(folder, expressions), os.path.join(folder, "sam_v_full"), seed)
+    if name == "osprey":
+        folder = os.path.join(root, "osprey-724k")
+        dirs = [os.path.join(folder, d) for d in OSPREY_IMAGE_DIRS]
+        return MixedDataset([(OspreyDataset(os.path.join(folder, "Osprey-724K", f), dirs, kind, seed), 1) for f, kind in OSPREY_FILES.items()])
+    if name == "video_chat":
+        folder = os.path.join(root, "chat_univi")
+        return VideoChatDataset(os.path.join(folder, "video_chat.json"), os.path.join(folder, "Activity_Videos"), seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {MIX_NAMES}")
 
 
 # ---------------------------------------------------------------------------------------------

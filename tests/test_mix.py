@@ -1,12 +1,22 @@
 """The rest of the paper's training mix: region prompts (Osprey), GCG, SA-V, video chat, multi-[SEG]."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 import data
 import losses
 import salma
+import test_data
 
 TINY = salma.Config.from_preset("tiny")
 
@@ -90,11 +100,9 @@ def test_region_prompt_layout_and_tokens_match_sa2va(monkeypatch):
     with torch.inference_mode():
         ids, embeds, region_pixels = official_region_inputs(model, tok, seen["pixel_values"], masks, question)
     assert all(0 < k < TINY.num_image_tokens for k in region_pixels) and region_pixels[0] != region_pixels[1]
-    img_end, ctx = tok.token_to_id("</img>"), tok.token_to_id("<IMG_CONTEXT>")
-    after_image = lambda x: x[int((x == img_end).nonzero().max()):]  # noqa: E731  the region text and the turn
-    assert torch.equal(after_image(seen["ids"]), after_image(ids))
-    assert (seen["ids"] == ctx).sum() == (ids == ctx).sum() == 3 * TINY.num_image_tokens + sum(region_pixels)
-    torch.testing.assert_close(seen["embeds"][seen["ids"] == ctx], embeds[ids == ctx], rtol=0, atol=0)
+    assert torch.equal(seen["ids"], ids)
+    assert (ids == tok.token_to_id("<IMG_CONTEXT>")).sum() == 3 * TINY.num_image_tokens + sum(region_pixels)
+    torch.testing.assert_close(seen["embeds"], embeds, rtol=0, atol=0)
 
 
 def test_region_tokens_are_the_thumbnail_tokens_under_each_mask():
@@ -162,3 +170,295 @@ def test_long_conversations_are_cut_at_turn_boundaries_and_counted():
     assert torch.equal(cut["input_ids"][0], full["input_ids"][0, :second_turn])
     assert cut["seg_index"].shape[0] == 2 and torch.equal(cut["pair_masks"], full["pair_masks"][:2])
     assert (cut["labels"] != -100).sum() == (full["labels"][0, :second_turn] != -100).sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# readers on fixtures in Sa2VA's layouts; masks against pycocotools, turns against Sa2VA's text
+
+
+def rle_of(mask):
+    """A compressed COCO RLE (counts as str, as the JSON files hold them) of a bool (H, W) array."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def box(h, w, x0, y0, x1, y1):
+    m = np.zeros((h, w), dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def save_image(path, w=64, h=48, colour=(90, 120, 150)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (w, h), colour).save(path)
+
+
+def save_video(path, num_frames, w=64, h=48):
+    """An mp4 whose frame t is a flat grey of level 7 t (to tell frames apart after decoding)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for t in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 7 * t, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def frame_numbers(frames, video_path):
+    """Which frame of the video each PIL frame is (nearest grey level of a reference decode with PyAV)."""
+    with av.open(video_path) as container:
+        levels = np.array([f.to_ndarray(format="rgb24").mean() for f in container.decode(video=0)])
+    return [int(np.abs(levels - np.asarray(f).mean()).argmin()) for f in frames]
+
+
+def json_dump(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+POLY_A, POLY_B = [4, 4, 30, 4, 30, 20, 4, 20], [40, 30, 60, 30, 50, 44]
+
+
+def gcg_fixture(root):
+    """The four GCG files of glamm_data/ (layouts read by Sa2VA's GCG_Dataset.py / gcg_process.py)."""
+    g = root / "glamm_data"
+    save_image(str(g / "images/coco2014/train2014/COCO_train2014_000000000123.jpg"))
+    json_dump([{"123": {"img_file_name": "COCO_train2014_000000000123.jpg",
+                        "caption": '"A man riding a horse near a tree."',
+                        "refs": [{"sentence": "a man riding", "bbox": [0, 0, 1, 1], "segmentation": [POLY_A, POLY_B]},
+                                 {"sentence": "riding a horse", "bbox": [0, 0, 1, 1], "segmentation": [POLY_B]},
+                                 {"sentence": "a dog", "bbox": [0, 0, 1, 1], "segmentation": [POLY_A]}]}}],
+              str(g / "annotations/RefCOCOg_GCG_train.json"))
+    for folder, ann, name in (("grandf/train", "GranDf_HA_GCG_train.json", "g1.jpg"), ("coco2017", "OpenPsgGCG_train.json", "p1.jpg")):
+        save_image(str(g / "images" / folder / name))
+        json_dump([{"file_name": name, "height": 48, "width": 64, "image_id": name[:2], "caption": "A cat on a mat.",
+                    "groundings": {"a mat": {"token_positives": [9, 14], "rle_masks": [rle_of(box(48, 64, 0, 40, 64, 48)), rle_of(box(48, 64, 0, 30, 10, 48))]},
+                                   "A cat": {"token_positives": [0, 5], "rle_masks": [rle_of(box(48, 64, 20, 10, 40, 35))]},
+                                   "nothing": None}}], str(g / "annotations" / ann))
+    save_image(str(g / "images/flickr30k/Flickr30K/1000.jpg"))
+    json_dump({"images": [{"id": 1, "file_name": "1000.jpg", "height": 48, "width": 64, "caption": "Two dogs play in the snow."},
+                          {"id": 2, "file_name": "1001.jpg", "height": 48, "width": 64, "caption": "Dogs."}],
+               "annotations": [{"id": 1, "image_id": 1, "bbox": [40, 0, 20, 20], "area": 400, "tokens_positive": [[19, 25]],
+                                "sam_mask": rle_of(box(48, 64, 40, 0, 60, 20))},
+                               {"id": 2, "image_id": 1, "bbox": [0, 20, 30, 20], "area": 600, "tokens_positive": [[0, 8]],
+                                "sam_mask": rle_of(box(48, 64, 0, 20, 30, 40))},
+                               {"id": 3, "image_id": 1, "bbox": [70, 60, 5, 5], "area": 25, "tokens_positive": [[9, 13]],
+                                "sam_mask": rle_of(box(48, 64, 0, 0, 1, 1))}],
+               "categories": [{"id": 1, "name": "object"}]}, str(g / "annotations/flickr_mergedGT_GCG_train.json"))
+
+
+def official_gcg_answer(caption, spans):
+    """Sa2VA's GCG answer, written from bytedance/Sa2VA projects/llava_sam2/datasets/gcg_process.py
+    (commit d01bf3f, refcocog_parse_annotations / grandf_conversation's tag_caption)."""
+    for start, end in sorted(spans, key=lambda x: x[0], reverse=True):
+        caption = f"{caption[:start]}<p> {caption[start:end]} </p> [SEG]{caption[end:]}"
+    return caption
+
+
+def test_gcg_readers_in_sa2va_layouts(tmp_path):
+    gcg_fixture(tmp_path)
+    mix = data.build_dataset("gcg", str(tmp_path), split="train", train=True)
+    assert len(mix) == 4  # one caption per file (Flickr's 3-word caption left out)
+    refcocog, grandf, flickr, psg = (mix[i] for i in range(4))
+    # RefCOCOg-GCG: lower-cased caption; "a man riding" overlaps "riding a horse" and ends before it
+    caption = "a man riding a horse near a tree."
+    assert refcocog["turns"][0][1] == official_gcg_answer(caption, [[0, 5], [6, 20]])
+    assert refcocog["turns"][0][1] == "<p> a man </p> [SEG] <p> riding a horse </p> [SEG] near a tree."
+    poly = lambda polys: sum(mask_utils.decode(mask_utils.frPyObjects([p], 48, 64)) for p in polys).squeeze(-1) > 0  # noqa: E731
+    assert torch.equal(refcocog["masks"][:, 0], torch.from_numpy(np.stack([poly([POLY_A, POLY_B]), poly([POLY_B])])))
+    for s in (grandf, psg):  # groundings sorted by position; each mask the sum of its RLEs
+        assert s["turns"][0][1] == "<p> A cat </p> [SEG] on <p> a mat </p> [SEG]."
+        assert torch.equal(s["masks"][1, 0], torch.from_numpy(box(48, 64, 0, 40, 64, 48) | box(48, 64, 0, 30, 10, 48)))
+    assert flickr["turns"][0][1] == official_gcg_answer("Two dogs play in the snow.", [[0, 8], [19, 25]])
+    assert torch.equal(flickr["masks"][0, 0], torch.from_numpy(box(48, 64, 0, 20, 30, 40)))
+    for s in (refcocog, grandf, flickr, psg):
+        question = s["turns"][0][0]
+        assert question.startswith("<image>\n") and question[len("<image>\n"):] in data.GCG_QUESTIONS
+        assert s["turns"][0][1].count("[SEG]") == s["masks"].shape[0] == 2
+    _, tok = tiny_model()
+    batch = data.make_train_batch([refcocog], tok, TINY, seeds=[0])
+    low = TINY.sam_image_size // 4
+    assert batch["pair_seg"].tolist() == [0, 1]
+    for k in range(2):
+        assert torch.equal(batch["pair_masks"][k], F.interpolate(refcocog["masks"][k, 0][None, None].float(), size=(low, low))[0, 0])
+
+
+def sav_fixture(root, num_frames=32):
+    """sav/sam_v_final_v3.json + sav/sam_v_full/ (layout read by Sa2VA's ReSAM2_Dataset.py: the entry's paths
+    repeat 'sav_000/' before 'sav_train/', which Sa2VA's sam2_path_patch drops)."""
+    folder = root / "sav" / "sam_v_full" / "sav_train" / "sav_000"
+    save_video(str(folder / "sav_000001.mp4"), num_frames)
+    masklet = [[rle_of(box(48, 64, t, 0, t + 10, 10)), rle_of(box(48, 64, 0, 20 + t // 4, 15, 30 + t // 4))]
+               for t in range(0, num_frames, 4)]  # SA-V annotates every 4th frame; one RLE per object
+    json_dump({"masklet": masklet, "video_id": "sav_000001"}, str(folder / "sav_000001_manual.json"))
+    json_dump({"sav_000001": {"video_path": "sav_000/sav_train/sav_000/sav_000001.mp4",
+                              "anno_path": "sav_000/sav_train/sav_000/sav_000001_manual.json",
+                              "objects": {"0": {"formated": "A square sliding right.", "short_caps": ["square"]},
+                                          "1": {"formated": "A bar moving down.", "short_caps": ["bar"]}}}},
+              str(root / "sav" / "sam_v_final_v3.json"))
+    return masklet
+
+
+def test_sav_reader_samples_objects_and_annotated_frames(tmp_path):
+    masklet = sav_fixture(tmp_path)
+    ds = data.build_dataset("sav", str(tmp_path), split="train", train=True)
+    assert len(ds) == 1
+    s = ds[0]
+    assert s["masks"].shape == (5, 5, 48, 64) and len(s["frames"]) == 5 and len(s["turns"]) == 5
+    objects = {"A square sliding right.": 0, "A bar moving down.": 1}
+    raw = frame_numbers(s["frames"], str(tmp_path / "sav/sam_v_full/sav_train/sav_000/sav_000001.mp4"))
+    assert raw == sorted(raw) and all(t % 4 == 0 for t in raw) and len(set(raw)) == 5
+    for k, (question, answer) in enumerate(s["turns"]):
+        expr = question.removeprefix("<image>").removeprefix("Please segment the object according to the description: ")
+        assert question.startswith("<image>Please segment" if k == 0 else "Please segment") and answer in data.SEG_ANSWERS
+        for j, t in enumerate(raw):
+            want = mask_utils.decode(compressed(masklet[t // 4]))[:, :, objects[expr]] > 0  # Sa2VA's decode_masklet
+            assert torch.equal(s["masks"][k, j], torch.from_numpy(want))
+    assert data.build_dataset("sav", str(tmp_path), split="train", train=True)[0]["exprs"] == s["exprs"]  # deterministic
+
+
+def compressed(rles):
+    return [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
+
+
+def osprey_fixture(root):
+    """osprey-724k/Osprey-724K/*.json + osprey-724k/coco/<split>/ (layout read by Sa2VA's Osprey_Dataset.py)."""
+    save_image(str(root / "osprey-724k/coco/train2017/000000000009.jpg"), w=224, h=112)
+    regions = [{"segmentation": [[0, 0, 100, 0, 100, 111, 0, 111]], "bbox": [0, 0, 100, 111]},
+               {"segmentation": rle_of(box(112, 224, 150, 40, 200, 90)), "bbox": [150, 40, 50, 50]}]
+    record = {"id": 9, "file_name": "000000000009.jpg", "height": 112, "width": 224, "annotation": regions}
+    conversation = [{"from": "human", "value": "What is <region1>?"}, {"from": "gpt", "value": "A <red> box."},
+                    {"from": "human", "value": "And <region2>?"}, {"from": "gpt", "value": "A ball."}]
+    for name in data.OSPREY_FILES:
+        extra = {"description": ["A red box.", "A blue ball."]} if name == "osprey_detail_description.json" else {"conversations": conversation}
+        json_dump([{**record, **extra}], str(root / "osprey-724k/Osprey-724K" / name))
+    return regions
+
+
+def official_osprey_text(n_tiles, region_pixels, conversation):
+    """The Osprey sample's text as Sa2VA builds it, written from bytedance/Sa2VA
+    projects/llava_sam2/datasets/Osprey_Dataset.py (commit d01bf3f: _process_conversation,
+    replace_image_str) and xtuner's qwen_chat template (INSTRUCTION, SUFFIX '<|im_end|>', SEP '\\n')."""
+    start_region_str = "<image> There are {} part regions in the picture: ".format(len(region_pixels))
+    for i in range(len(region_pixels)):
+        start_region_str += f"region{i + 1}<vp>" + "<IMG_CONTEXT>" * region_pixels[i] + "</vp>"
+        start_region_str += ".\n" if i == len(region_pixels) - 1 else ", "
+    turns, question = [], ""
+    for i, item in enumerate(conversation):
+        value = item["value"].replace("<", "").replace(">", "")
+        if i == 0:
+            value = start_region_str + value
+        if item["from"] == "human":
+            if "<image>" in value:
+                value = ("<image>" + "\n" + value.replace("<image>", "").strip()).strip()
+            question += value
+        else:
+            turns.append((question, value))
+            question = ""
+    image = "<img>" + "<IMG_CONTEXT>" * (n_tiles * TINY.num_image_tokens) + "</img>"
+    turns[0] = (turns[0][0].replace("<image>", image), turns[0][1])
+    return "".join(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" for q, a in turns)
+
+
+def test_osprey_reader_region_prompts_and_text_match_sa2va(tmp_path):
+    regions = osprey_fixture(tmp_path)
+    mix = data.build_dataset("osprey", str(tmp_path), split="train", train=True)
+    assert len(mix) == 5
+    s = mix[0]
+    official = np.stack([mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(regions[0]["segmentation"], 112, 224))),
+                         mask_utils.decode(compressed([regions[1]["segmentation"]])[0])]) > 0  # Sa2VA's annToMask
+    assert torch.equal(s["prompt_masks"], torch.from_numpy(official))
+    assert s["turns"] == [("<image>What is region1?", "A red box."), ("And region2?", "A ball.")]
+    _, tok = tiny_model()
+    batch = data.make_train_batch([s], tok, TINY, seeds=[0])
+    grid = F.interpolate(s["prompt_masks"].float()[None], size=(4, 4), mode="nearest")[0]
+    n_tiles = batch["pixel_values"].shape[0]
+    text = official_osprey_text(n_tiles, [int(m.sum()) for m in grid], json.load(open(tmp_path / "osprey-724k/Osprey-724K/osprey_conversation.json"))[0]["conversations"])
+    assert torch.equal(batch["input_ids"][0], torch.tensor(tok.encode(text, add_special_tokens=False).ids))
+    assert batch["context_index"].tolist() == list(range(n_tiles * 16)) + [(n_tiles - 1) * 16 + int(i) for m in grid for i in m.flatten().nonzero()]
+    described = mix[1]  # the detailed descriptions: one Osprey question per region
+    assert [a for _, a in described["turns"]] == ["A red box.", "A blue ball."]
+    assert described["turns"][1][0].replace("region2", "<region>") in data.DETAILED_QUESTIONS
+    short = mix[2]
+    assert short["turns"][0][0].endswith("region1?" + data.OSPREY_SHORT)
+
+
+def test_video_chat_reader_samples_one_frame_per_segment(tmp_path):
+    save_video(str(tmp_path / "chat_univi/Activity_Videos/v_abc.mp4"), 23)
+    json_dump([{"id": "v_abc", "video": "v_abc.mkv", "conversations": [
+        {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "Nothing moves."},
+        {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Grey."}]}], str(tmp_path / "chat_univi/video_chat.json"))
+    ds = data.build_dataset("video_chat", str(tmp_path), split="train", train=True)
+    s = ds[0]
+    bounds = np.linspace(0, 23, num=6, dtype=int)  # Sa2VA's ChatUniVi_Dataset._get_rawvideo_dec
+    raw = frame_numbers(s["frames"], str(tmp_path / "chat_univi/Activity_Videos/v_abc.mp4"))
+    assert len(raw) == 5 and all(bounds[i] <= t < bounds[i + 1] for i, t in enumerate(raw))
+    assert s["turns"] == [("<image>\nWhat happens?", "Nothing moves."), ("What colour is it?", "Grey.")]
+    assert s["masks"].shape == (0, 5, 48, 64) and s["is_video"]
+    _, tok = tiny_model()
+    batch = data.make_train_batch([s], tok, TINY, seeds=[0])
+    frames = "\n".join(["<img>" + "<IMG_CONTEXT>" * 16 + "</img>"] * 5)  # prepare_text: frame tokens joined by '\n', stripped
+    text = (f"<|im_start|>user\n{frames}\nWhat happens?<|im_end|>\n<|im_start|>assistant\nNothing moves.<|im_end|>\n"
+            "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\nGrey.<|im_end|>\n")
+    assert torch.equal(batch["input_ids"][0], torch.tensor(tok.encode(text, add_special_tokens=False).ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# training on each source and on the paper's whole mix
+
+FULL_MIX = "refcoco:4,refcoco+:4,refcocog:4,gcg:1,mevis:4,revos:10,ytvos:4,davis17:4,sav:4,llava:1,video_chat:1,osprey:1"
+
+
+def full_mix_fixtures(root):
+    """Every source of the paper's training mix under one --data_root, each in its official layout."""
+    test_data.official_fixtures(root)
+    for name in ("refcoco", "refcoco+"):  # the refer-API layout of RefCOCO/+ : refs(unc).p
+        shutil.copytree(root / "refcocog", root / name)
+        os.rename(root / name / "refs(umd).p", root / name / "refs(unc).p")
+    gcg_fixture(root)
+    sav_fixture(root)
+    osprey_fixture(root)
+    save_video(str(root / "chat_univi/Activity_Videos/v_abc.mp4"), 12)
+    json_dump([{"video": "v_abc.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
+                                                        {"from": "gpt", "value": "Nothing."}]}], str(root / "chat_univi/video_chat.json"))
+
+
+def test_one_training_step_on_each_new_source_trains_every_group(tmp_path):
+    full_mix_fixtures(tmp_path)
+    torch.manual_seed(0)
+    model, tok = salma.build_salma(TINY)
+    salma.set_trainable(model, "full")
+    model.train()
+    for name in ("gcg", "sav", "osprey", "video_chat"):
+        model.zero_grad()
+        ds = data.build_dataset(name, str(tmp_path), train=True)
+        batch = data.make_train_batch([ds[0], ds[len(ds) - 1]], tok, TINY, seeds=[0, 1])
+        parts = losses.salma_loss_parts(model(batch, ramp=1.0), batch, losses.LossConfig())
+        loss, logs = losses.total_loss(parts, losses.LossConfig(), 1.0)
+        loss.backward()
+        assert all(np.isfinite(list(logs.values()))), name
+        assert model.mllm.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0, name
+        has_masks = name in ("gcg", "sav")
+        assert (logs["dice"] > 0) == has_masks and (logs["tmc"] > 0) == has_masks, (name, logs)
+        if has_masks:
+            assert model.grounding.sam2_model.sam_mask_decoder.iou_token.weight.grad.abs().sum() > 0, name
+
+
+def test_train_py_runs_the_papers_whole_mix(tmp_path):
+    """train.py --data=<the paper's mix with its repeat factors> on official-layout fixtures of every source."""
+    full_mix_fixtures(tmp_path / "data")
+    mix = data.build_train_mix(FULL_MIX, str(tmp_path / "data"))
+    assert len(mix.parts) == 12 and all(len(p) > 0 for p in mix.parts)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--data={FULL_MIX}", f"--data_root={tmp_path / 'data'}",
+                           "--max_steps=3", "--batch_size=3", "--save_every=3", "--max_length=200", f"--out_dir={out}"],
+                          cwd=root, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+    problems = json.load(open(out / "data_problems.json"))  # video and GCG samples are over 200 tokens here
+    assert sum(v for k, v in problems.items() if "context" in k) > 0 and "data problems handled" in proc.stdout
