@@ -590,6 +590,8 @@ GCG_QUESTIONS = [
     "Could you give me an brief explanation of this picture? Please respond with interleaved segmentation masks for the corresponding phrases.",
     "Could you provide me with a briefly analysis of this photo? Please output with interleaved segmentation masks for the corresponding parts of the answer.",
 ]
+# Sa2VA's GCG evaluation asks the first question, with five spaces inside it (a line continuation in its string)
+GCG_QUESTION = GCG_QUESTIONS[0].replace("interleaved segmentation", "interleaved     segmentation")
 GCG_FILES = {  # name: (annotation file, image folder) under glamm_data/, as Sa2VA's configs place them
     "gcg_refcocog": ("annotations/RefCOCOg_GCG_train.json", "images/coco2014/train2014"),
     "gcg_grandf": ("annotations/GranDf_HA_GCG_train.json", "images/grandf/train"),
@@ -698,6 +700,35 @@ def build_gcg(name, root, seed):
     return GCGDataset(parse(path), os.path.join(root, "glamm_data", images), path, seed)
 
 
+class GCGEvalDataset(torch.utils.data.Dataset):
+    """GranDf's GCG val/test as GLaMM / Sa2VA evaluate it: glamm_data/annotations/gcg_val_test/
+    {split}_gcg_coco_caption_gt.json (images; one caption + phrase labels each) and
+    {split}_gcg_coco_mask_gt.json (COCO RLE masks), images in glamm_data/images/grandf/val_test/."""
+
+    def __init__(self, root, split="val"):
+        folder = os.path.join(root, "glamm_data", "annotations", "gcg_val_test")
+        self.mask_gt_path = os.path.join(folder, f"{split}_gcg_coco_mask_gt.json")
+        captions, masks = read_json(os.path.join(folder, f"{split}_gcg_coco_caption_gt.json")), read_json(self.mask_gt_path)
+        self.images = captions["images"]
+        self.captions = {a["image_id"]: a for a in captions["annotations"]}
+        self.masks = {}
+        for ann in masks["annotations"]:
+            self.masks.setdefault(ann["image_id"], []).append(ann["segmentation"])
+        self.image_dir = os.path.join(root, "glamm_data", "images", "grandf", "val_test")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        image = load_image(os.path.join(self.image_dir, info.get("file_name", f"{info['id']}.jpg")))
+        gt = [coco_mask(rle, image.height, image.width) for rle in self.masks.get(info["id"], [])]
+        caption = self.captions[info["id"]]
+        return {"id": info["id"], "frames": [image], "exprs": [], "is_video": False, "conversation": None,
+                "caption": caption["caption"], "labels": caption["labels"],
+                "masks": torch.stack(gt)[:, None] if gt else torch.zeros(0, 1, image.height, image.width, dtype=torch.bool)}
+
+
 # --- SA-V masklets with object expressions (Sa2VA's sam_v_final_v3.json; Ref-SAV.json has the same layout)
 
 SAV_QUESTION = "Please segment the object according to the description: {}"
@@ -705,14 +736,13 @@ SAV_QUESTION = "Please segment the object according to the description: {}"
 
 def sav_paths(video_dir, entry):
     """The video and masklet files of an entry; Sa2VA's files repeat 'sav_xxx/' before 'sav_train/', dropped if absent."""
-    video, anno = (os.path.join(video_dir, entry[k]) for k in ("video_path", "anno_path"))
-    parts = entry["video_path"].split("/")
-    if not os.path.isfile(video) and "sav_train" in parts:
+    paths = [entry["video_path"], entry["anno_path"]]
+    parts = paths[0].split("/")
+    if not os.path.isfile(os.path.join(video_dir, paths[0])) and "sav_train" in parts:
         i = parts.index("sav_train")
         if 0 < i < len(parts) - 1 and parts[i - 1] == parts[i + 1]:
-            drop = lambda p: os.path.join(video_dir, *(p.split("/")[:i - 1] + p.split("/")[i:]))  # noqa: E731
-            video, anno = drop(entry["video_path"]), drop(entry["anno_path"])
-    return video, anno
+            paths = ["/".join(p.split("/")[:i - 1] + p.split("/")[i:]) for p in paths]
+    return [os.path.join(video_dir, p) for p in paths]
 
 
 class SAVDataset(torch.utils.data.Dataset):

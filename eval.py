@@ -6,6 +6,7 @@ Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
   python eval.py --dataset refcocog --split val --ckpt ckpts/SALMA-1B --data_root data/ --mba=False
   python eval.py --dataset mevis --split valid_u --ckpt ckpts/SALMA-1B --data_root data/
   python eval.py --dataset ytvos --split valid --ckpt ...      # writes the submission zip
+  python eval.py --dataset gcg --split val --ckpt ... --data_root data/ --bert_dir ckpts/bert-base-uncased   # GCG
   torchrun --standalone --nproc_per_node=8 eval.py --dataset refcocog ...   # shards over ranks
   python eval.py --ckpt out/tiny --visualize 4                # PNGs: mask, gate G, MBA attention vs baseline
 
@@ -14,9 +15,12 @@ Metrics are printed and written to <out_dir>/metrics.json, next to the predictio
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 import data
@@ -204,6 +209,87 @@ def revos_summary(rows):
 
 
 # ---------------------------------------------------------------------------------------------
+# metrics: grounded caption generation (GLaMM's GCG evaluation, as Sa2VA runs it)
+
+def parse_gcg_answer(text):
+    """(caption, phrases) of a GCG answer: '<p> phrase </p> [SEG]' marks and other tags removed, spaces joined."""
+    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "").replace("\n", "").replace("  ", " ")
+    phrases = [p.strip() for p in re.findall(r"<p>(.*?)</p>", text)]
+    caption = " ".join(re.sub(r"<.*?>", "", text).replace("[SEG]", "").split()).strip("'").strip()
+    return caption, phrases
+
+
+def iou_matrix(a, b):
+    """IoU (len(a), len(b)) between two lists of bool masks (H, W)."""
+    out = np.zeros((len(a), len(b)))
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            union = np.logical_or(x, y).sum()
+            out[i, j] = np.logical_and(x, y).sum() / union if union else 0.0
+    return out
+
+
+def coco_rle(mask):
+    """A bool mask (H, W) as a compressed COCO RLE with str counts (JSON-ready), by pycocotools."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def gcg_miou(pred_masks, gt_masks):
+    """Mean IoU of one-to-one pairs taken greedily by highest IoU (while > 0); 0 without pairs (GLaMM)."""
+    ious, paired = iou_matrix(pred_masks, gt_masks), []
+    while ious.size and ious.max() > 0:
+        i, j = np.unravel_index(ious.argmax(), ious.shape)
+        paired.append(ious[i, j])
+        ious = np.delete(np.delete(ious, i, axis=0), j, axis=1)
+    return float(np.mean(paired)) if paired else 0.0
+
+
+def gcg_matches(gt_masks, pred_masks, text_sims, iou_th=0.5, sim_th=0.5):
+    """Ground-truth phrases recalled: one-to-one pairs by highest IoU while IoU >= iou_th and the phrase
+    similarity (G, P) >= sim_th; the first pair failing either ends the search (GLaMM)."""
+    ious, sims, found = iou_matrix(gt_masks, pred_masks), np.array(text_sims, dtype=float).reshape(len(gt_masks), len(pred_masks)), 0
+    while ious.size:
+        i, j = np.unravel_index(ious.argmax(), ious.shape)
+        if ious[i, j] < iou_th or sims[i, j] < sim_th:
+            break
+        found += 1
+        ious[i, :], ious[:, j], sims[i, :], sims[:, j] = 0, 0, 0, 0
+    return found
+
+
+def bert_similarity(bert_dir):
+    """Phrase similarity as GLaMM measures it: cosine of mean last-layer BERT states (a local bert-base-uncased)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, bert = AutoTokenizer.from_pretrained(bert_dir), AutoModel.from_pretrained(bert_dir).eval()
+
+    @torch.inference_mode()
+    def embed(text):
+        inputs = tokenizer(text, return_tensors="pt", max_length=512, truncation=True)
+        return bert(**inputs).last_hidden_state[0].mean(0)
+
+    def similarity(gt_labels, pred_labels):
+        a, b = [embed(t) for t in gt_labels], [embed(t) for t in pred_labels]
+        return [[float(torch.nn.functional.cosine_similarity(x, y, dim=0)) for y in b] for x in a]
+    return similarity
+
+
+def caption_scores(references, predictions):
+    """METEOR and CIDEr over {id: caption} as pycocoevalcap computes them (PTB tokenised); None without it."""
+    try:
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError:
+        return {"METEOR": None, "CIDEr": None}
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    return {"METEOR": float(Meteor().compute_score(gts, res)[0]), "CIDEr": float(Cider().compute_score(gts, res)[0])}
+
+
+# ---------------------------------------------------------------------------------------------
 # loading a model to evaluate
 
 
@@ -355,6 +441,65 @@ def zip_submission(out_dir):
     return path
 
 
+def segment_answer(model, tok, image, question, max_new_tokens):
+    """Answer a question about a PIL image by generation -> (text, bool masks (N, H, W), one per [SEG])."""
+    text, z_seg, hidden, valid = model.answer([image], "", tok, max_new_tokens=max_new_tokens, question="<image>\n" + question)
+    w, h = image.size
+    n = z_seg.shape[0]
+    if n == 0:
+        return text, torch.zeros(0, h, w, dtype=torch.bool)
+    with model.autocast():
+        enc = model.grounding.encode_image(salma.sam_pixels([image], model.cfg.sam_image_size).to(model.device, z_seg.dtype))
+        image_embed = enc["image_embed"].expand(n, -1, -1, -1)
+        high_res = [f.expand(n, -1, -1, -1) for f in enc["high_res_feats"]]
+        low_res = model.grounding.decode(model.refine(image_embed, high_res, hidden, valid), high_res, z_seg)
+    return text, salma.SAM2Grounding.postprocess(low_res, model.cfg.sam_image_size, (h, w))[:, 0] > 0
+
+
+def run_gcg(model, tok, dataset, indices, args, similarity=None):
+    """Caption every image with its phrases' masks -> per-image rows (caption, phrases, RLEs, mIoU, matches)."""
+    rows = []
+    for i in tqdm(indices, desc="gcg", disable=args.quiet, unit="img"):
+        sample = dataset[i]
+        text, masks = segment_answer(model, tok, sample["frames"][0], data.GCG_QUESTION, args.max_new_tokens)
+        caption, phrases = parse_gcg_answer(text)
+        pred = [m.cpu().numpy() for m in masks]
+        gt = [m.numpy() for m in sample["masks"][:, 0]]
+        matches = None
+        if similarity is not None:
+            sims = similarity(sample["labels"], phrases) if phrases and sample["labels"] else [[0.0] * len(pred)] * len(gt)
+            matches = gcg_matches(gt, pred[: len(phrases)], sims) if pred and gt else 0
+        rows.append({"id": sample["id"], "caption": caption, "phrases": phrases, "reference": sample["caption"],
+                     "pred_masks": [coco_rle(m) for m in pred], "miou": gcg_miou(pred, gt),
+                     "gt_labels": len(sample["labels"]), "matches": matches})
+    return rows
+
+
+def gcg_summary(rows, mask_gt_path):
+    """mIoU, recall (with --bert_dir), mask AP50 (pycocotools COCOeval) and METEOR / CIDEr of all rows."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    metrics = {"mIoU": float(np.mean([r["miou"] for r in rows])) if rows else 0.0, "images": len(rows)}
+    if rows and rows[0]["matches"] is not None:
+        metrics["recall"] = sum(r["matches"] for r in rows) / max(1, sum(r["gt_labels"] for r in rows))
+    else:
+        metrics["recall"] = None  # needs phrase similarity: --bert_dir
+    preds = [{"image_id": r["id"], "category_id": 1, "segmentation": rle, "score": 1.0} for r in rows for rle in r["pred_masks"]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(mask_gt_path)
+        gt.dataset["images"] = [im for im in gt.dataset["images"] if im["id"] in {r["id"] for r in rows}]
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(preds) if preds else COCO(), "segm")
+        evaluator.params.catIds, evaluator.params.imgIds = [1], [r["id"] for r in rows]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics["AP50"] = float(evaluator.stats[1])
+    metrics.update(caption_scores({r["id"]: [r["reference"]] for r in rows}, {r["id"]: r["caption"] for r in rows}))
+    return metrics
+
+
 def summarize(rows, is_video):
     """The metrics of all rows (after gathering)."""
     if is_video and rows and "type_id" in rows[0]:
@@ -420,9 +565,10 @@ DOWNLOAD_HINTS = {
     "davis17": "Ref-DAVIS17 as ReferFormer's tools/data/convert_davis_to_ytvos.py writes it (DATA/davis17/meta_expressions/valid/meta_expressions.json, valid/JPEGImages, valid/Annotations) or as Sa2VA ships it (valid/mask_dict.pkl instead of Annotations)",
     "mevis": "MeViS from its CodaLab page (github.com/henghuiding/MeViS): DATA/mevis/<split>/meta_expressions.json, JPEGImages and mask_dict.json (train, valid_u)",
     "revos": "ReVOS as released (github.com/cilinyan/ReVOS-api): DATA/revos/JPEGImages, mask_dict.json, mask_dict_foreground.json, meta_expressions_{train,valid}_.json",
+    "gcg": "GLaMM's GranDf GCG evaluation files as Sa2VA reads them: DATA/glamm_data/annotations/gcg_val_test/{val,test}_gcg_coco_{caption,mask}_gt.json and images in DATA/glamm_data/images/grandf/val_test/",
     "ckpt": "a checkpoint: an official Sa2VA-1B directory (config.json, model.safetensors, tokenizer files), an exported SALMA one, or a train.py --out_dir",
 }
-DATASETS = ("synthetic", "synthetic_video", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos")
+DATASETS = ("synthetic", "synthetic_video", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos", "gcg")
 VIDEO_DATASETS = ("synthetic_video", "davis17", "mevis", "ytvos", "revos")
 
 
@@ -450,6 +596,8 @@ def parse_args(argv=None):
                    help="precision (default auto: bf16 on CUDA and on CPUs with native bf16 matmuls, AVX-512 BF16 or AMX; "
                         "fp32 on other CPUs, where bf16 is slower). bf16 puts the MLLM's weights in bf16 and runs "
                         "SAM-2 and MBA under bf16 autocast with fp32 weights")
+    p.add_argument("--bert_dir", default="", help="gcg: a local bert-base-uncased directory for the phrase similarity of recall "
+                   "(GLaMM's); '' = recall not computed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
@@ -471,6 +619,8 @@ def build_eval_dataset(args):
     if not args.data_root or not os.path.isdir(args.data_root):
         raise SystemExit(f"eval.py: --data_root {args.data_root!r} is not a directory. Needs {hint.replace('DATA', '<data_root>')}.")
     try:
+        if args.dataset == "gcg":
+            return data.GCGEvalDataset(args.data_root, args.split)
         return data.build_dataset(args.dataset, args.data_root, args.split)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}. Needs {hint.replace('DATA', args.data_root)}.") from None
@@ -492,6 +642,8 @@ def main(argv=None):
         salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)
     n = min(len(dataset), args.limit) if args.limit else len(dataset)
+    if args.visualize and args.dataset == "gcg":
+        raise SystemExit("eval.py: --visualize draws referring expressions; gcg has none")
     if args.visualize:
         for i in range(min(args.visualize, n)):
             sample = dataset[i]
@@ -503,7 +655,9 @@ def main(argv=None):
     start = time.time()
     indices = shard(n, rank, world)
     with torch.inference_mode():
-        if is_video:
+        if args.dataset == "gcg":
+            rows = run_gcg(model, tok, dataset, indices, args, bert_similarity(args.bert_dir) if args.bert_dir else None)
+        elif is_video:
             rows = run_videos(model, tok, dataset, indices, args, submission)
         else:
             rows = run_images(model, tok, dataset, indices, args)
@@ -512,6 +666,8 @@ def main(argv=None):
         return
     if submission is not None:
         metrics = {"submission": zip_submission(args.out_dir), "expressions": len(rows), "scored_by": SUBMISSIONS[args.dataset][2]}
+    elif args.dataset == "gcg":
+        metrics = gcg_summary(rows, dataset.mask_gt_path)
     else:
         metrics = summarize(rows, is_video)
     elapsed = time.time() - start

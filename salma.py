@@ -962,25 +962,25 @@ class SALMA(nn.Module):
     # --- inference
 
     @torch.inference_mode()
-    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048, regions=None):
+    def answer(self, frames, expr, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048, regions=None, question=None):
         """MLLM on Sa2VA's eval prompt -> (text, z_seg (N, C), hidden per layer (N, L, D), text_valid (N, L)).
 
         Greedy generation as Sa2VA evaluates; force_seg=True instead teacher-forces the answer
         "Sure, [SEG]." (one forward, for models not yet trained to answer with [SEG]).
+        question: the whole user text ("<image>\n..."), instead of the segmentation prompt for expr.
         regions: bool masks (n, H, W) on an image, given as Sa2VA's region prompt (predict_forward's
-        mask_prompts); expr is then the whole question, e.g. REGION_QUESTION.
+        mask_prompts) after the image, referred to as region1..regionN in the question.
         """
         with self.autocast():
             cfg = self.cfg
             pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
             media = media_placeholder(pixel_values.shape[0], cfg, is_video)
-            question, context_index = eval_prompt(expr, is_video), None
+            question, context_index = question or eval_prompt(expr, is_video), None
             if regions is not None:
                 if is_video:
                     raise ValueError("region prompts are for images (as in Sa2VA), not videos")
                 grid = region_grid_masks(regions, cfg)
                 media += region_prompt(grid)
-                question = "<image>\n" + expr
                 context_index = region_context_index(pixel_values.shape[0], cfg.num_image_tokens, grid)
             turn = (question, FORCED_ANSWER if force_seg else None)
             ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
@@ -1003,7 +1003,7 @@ class SALMA(nn.Module):
 
     def describe_region(self, image, masks, tokenizer, question=REGION_QUESTION, max_new_tokens=64):
         """Text about the regions masks (n, H, W) of a PIL image ("region1", ... in the question)."""
-        text = self.answer([image], question, tokenizer, max_new_tokens=max_new_tokens, regions=masks)[0]
+        text = self.answer([image], "", tokenizer, max_new_tokens=max_new_tokens, regions=masks, question="<image>\n" + question)[0]
         return text.replace("<|im_end|>", "").replace("<|endoftext|>", "").strip()
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 import data
+import eval as eval_module
 import losses
 import salma
 import test_data
@@ -462,3 +463,77 @@ def test_train_py_runs_the_papers_whole_mix(tmp_path):
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
     problems = json.load(open(out / "data_problems.json"))  # video and GCG samples are over 200 tokens here
     assert sum(v for k, v in problems.items() if "context" in k) > 0 and "data problems handled" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GCG evaluation (GLaMM's metrics, as Sa2VA runs them)
+
+
+def test_gcg_answer_parsing_miou_and_matching_by_hand():
+    """GLaMM's rules, written from bytedance/Sa2VA projects/llava_sam2/evaluation/gcg_eval.py
+    (process_and_save_output) and metrics_gcg.py (compute_miou, find_best_matches), commit d01bf3f."""
+    caption, phrases = eval_module.parse_gcg_answer("<p> A cat </p> [SEG] on <p> a mat </p> [SEG].<|im_end|>")
+    assert caption == "A cat on a mat ." and phrases == ["A cat", "a mat"]  # "[SEG]." leaves " ." as in Sa2VA
+    a, b, half_a = box(10, 10, 0, 0, 4, 5), box(10, 10, 5, 0, 10, 10), box(10, 10, 0, 0, 2, 5)
+    assert eval_module.gcg_miou([a, half_a], [a, b]) == 1.0  # after (a, a) only IoU 0 is left: pairing stops
+    assert eval_module.gcg_miou([half_a], [a, b]) == 0.5
+    assert eval_module.gcg_miou([], [a]) == 0.0
+    assert eval_module.gcg_matches([a, b], [a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2
+    assert eval_module.gcg_matches([a, b], [b, a], [[0.0, 0.9], [0.9, 0.0]]) == 2  # pairs by IoU, not by order
+    assert eval_module.gcg_matches([a, b], [a, b], [[0.1, 0.0], [0.0, 0.9]]) == 0  # the best-IoU pair fails: search ends
+    assert eval_module.gcg_matches([a, b], [half_a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2  # IoU 0.5 counts
+    assert eval_module.gcg_matches([a], [box(10, 10, 0, 0, 1, 5)], [[0.9]]) == 0  # IoU 0.25 does not
+
+
+GCG_EVAL = [("A cat on a mat.", ["A cat", "a mat"], [(0, 0, 20, 20), (0, 30, 64, 48)], (200, 30, 30)),
+            ("A red ball.", ["A red ball"], [(30, 10, 50, 30)], (30, 200, 30))]
+
+
+def gcg_eval_fixture(root):
+    """glamm_data/annotations/gcg_val_test/val_gcg_coco_{caption,mask}_gt.json + images/grandf/val_test/
+    (GLaMM's GranDf evaluation files, read as Sa2VA's metrics_gcg.py reads them)."""
+    images, captions, masks = [], [], []
+    for i, (caption, labels, boxes, colour) in enumerate(GCG_EVAL):
+        save_image(str(root / f"glamm_data/images/grandf/val_test/sa_{i}.jpg"), colour=colour)
+        images.append({"id": f"sa_{i}", "file_name": f"sa_{i}.jpg", "height": 48, "width": 64})
+        captions.append({"id": i, "image_id": f"sa_{i}", "caption": caption, "labels": labels})
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            m = box(48, 64, x0, y0, x1, y1)
+            masks.append({"id": 10 * i + k + 1, "image_id": f"sa_{i}", "category_id": 1, "iscrowd": 0, "area": int(m.sum()),
+                          "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": rle_of(m)})
+    folder = root / "glamm_data/annotations/gcg_val_test"
+    json_dump({"images": images, "annotations": captions}, str(folder / "val_gcg_coco_caption_gt.json"))
+    json_dump({"images": images, "annotations": masks, "categories": [{"id": 1, "name": "object"}]}, str(folder / "val_gcg_coco_mask_gt.json"))
+
+
+def test_eval_gcg_scores_the_ground_truth_answer_perfectly_and_a_wrong_mask_lower(tmp_path, monkeypatch):
+    gcg_eval_fixture(tmp_path)
+    calls = []
+
+    def answer_with(wrong):
+        def segment(model, tok, image, question, max_new_tokens):
+            calls.append(question)
+            i = 0 if np.asarray(image)[0, 0, 0] > 100 else 1  # which fixture image (by its colour)
+            caption, labels, boxes, _ = GCG_EVAL[i]
+            if wrong and i == 0:
+                boxes = [boxes[0], (0, 30, 20, 48)]  # IoU 20/64 with the mat
+            answer = caption
+            for label in labels:
+                answer = answer.replace(label, f"<p> {label} </p> [SEG]")
+            return answer, torch.from_numpy(np.stack([box(48, 64, *bx) for bx in boxes]))
+        return segment
+
+    monkeypatch.setattr(eval_module, "load_model", lambda *a, **k: tiny_model())
+    monkeypatch.setattr(eval_module, "bert_similarity", lambda path: lambda gt, pred: [[float(g == p) for p in pred] for g in gt])
+    metrics = {}
+    for wrong in (False, True):
+        monkeypatch.setattr(eval_module, "segment_answer", answer_with(wrong))
+        out = tmp_path / f"out_{wrong}"
+        metrics[wrong] = eval_module.main(["--dataset=gcg", f"--data_root={tmp_path}", "--ckpt=given", f"--out_dir={out}",
+                                           "--bert_dir=stub", "--quiet"])
+        assert json.load(open(out / "metrics.json"))["mIoU"] == metrics[wrong]["mIoU"]
+    assert calls[0] == data.GCG_QUESTION and len(calls) == 4
+    right, wrong = metrics[False], metrics[True]
+    assert right["mIoU"] == 1.0 and right["recall"] == 1.0 and right["AP50"] == 1.0 and right["METEOR"] > 0.9
+    assert abs(wrong["mIoU"] - (1 + 20 / 64) / 2 / 2 - 0.5) < 1e-9  # image 0: (1 + 20/64) / 2, image 1: 1
+    assert abs(wrong["recall"] - 2 / 3) < 1e-9 and wrong["AP50"] < 1.0
