@@ -952,8 +952,8 @@ def parse_mix(spec):
             factor = float(factor or 1)
         except ValueError:
             raise ValueError(f"--data={spec!r}: {entry!r} is not dataset:repeat_factor") from None
-        if name not in EVAL_SPLITS:
-            raise ValueError(f"--data={spec!r}: unknown dataset {name!r}; known: {', '.join(EVAL_SPLITS)}")
+        if name not in EVAL_SPLITS and name not in MIX_NAMES:
+            raise ValueError(f"--data={spec!r}: unknown dataset {name!r}; known: {', '.join([*EVAL_SPLITS, *MIX_NAMES])}")
         if factor <= 0:
             raise ValueError(f"--data={spec!r}: the repeat factor of {name} must be > 0")
         parts.append((name, factor))
