@@ -8,7 +8,7 @@ Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
   python eval.py --dataset ytvos --split valid --ckpt ...      # writes the submission zip
   python eval.py --dataset gcg --split val --ckpt ... --data_root data/ --bert_dir ckpts/bert-base-uncased   # GCG
   torchrun --standalone --nproc_per_node=8 eval.py --dataset refcocog ...   # shards over ranks
-  python eval.py --ckpt out/tiny --visualize 4                # PNGs: mask, gate G, MBA attention vs baseline
+  python eval.py --ckpt out/tiny --visualize 4                # PNGs: image | SALMA | G | attention | baseline | truth
 
 --ckpt is an official-layout directory (Sa2VA / exported SALMA) or a train.py --out_dir (ckpt.pt).
 Metrics are printed and written to <out_dir>/metrics.json, next to the predictions.
@@ -24,7 +24,8 @@ import re
 import shutil
 import time
 import zipfile
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 import data
+import plot
 import salma
 
 # ---------------------------------------------------------------------------------------------
@@ -514,46 +516,50 @@ def summarize(rows, is_video):
 
 
 # ---------------------------------------------------------------------------------------------
-# figures: predicted mask, pre-pass gate G and MBA attention, SALMA vs the --mba=False baseline
+# figures: SALMA with its gate G and MBA attention next to the --mba=False baseline (plot.mask_figure)
 
 
-def overlay(image, mask, colour):
-    """uint8 (3, H, W) image with a translucent mask drawn by torchvision."""
-    from torchvision.utils import draw_segmentation_masks
-
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    return draw_segmentation_masks(pixels, mask[None].bool(), alpha=0.5, colors=colour)
-
-
-def heatmap(values, size):
-    """A (h, w) map in [0, 1] resized to size -> uint8 (3, H, W) grey image."""
-    v = torch.nn.functional.interpolate(values[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
-    return (v * 255).byte()[None].expand(3, -1, -1)
+@contextmanager
+def as_baseline(model):
+    """The same weights with MBA switched off: the Sa2VA baseline (--mba=False)."""
+    cfg = model.cfg
+    model.cfg = replace(cfg, mba=False)
+    try:
+        yield model
+    finally:
+        model.cfg = cfg
 
 
-def visualize(model, tok, sample, expr, path, force_seg):
-    """One PNG: image | SALMA mask | gate G | MBA attention | baseline (mba=False) mask."""
-    from dataclasses import replace
+def figure_maps(maps):
+    """(gate G (h, w), MBA attention on the router's top-ranked word (h, w)) of a segmentation's maps."""
+    if "gate" not in maps:
+        return None, None  # the baseline: no MBA
+    gate = maps["gate"][0, 0]
+    attention = maps["attention"][-1][0, :, 0].reshape(gate.shape)  # (hw, K): TopK sorts, word 0 scores highest
+    return gate, attention
 
-    from torchvision.utils import make_grid, save_image
 
-    image = sample["frames"][0]
-    size = (image.height, image.width)
+def compare(model, tok, image, expr, **options):
+    """({"SALMA": mask, "baseline (mba=False)": mask}, SALMA's maps) on one image; a baseline model gives one mask.
+
+    options: segment_image's force_seg, max_new_tokens and question.
+    """
     maps = {}
-    mask = model.segment_image(image, expr, tok, maps=maps, force_seg=force_seg)
-    salma_cfg = model.cfg
-    model.cfg = replace(salma_cfg, mba=False)  # the same weights without MBA: the Sa2VA baseline
-    baseline = model.segment_image(image, expr, tok, force_seg=force_seg)
-    model.cfg = salma_cfg
-    h = w = int(math.sqrt(maps["attention"][-1].shape[1])) if "attention" in maps else 1
-    tiles = [torch.from_numpy(np.array(image)).permute(2, 0, 1), overlay(image, mask, "red")]
-    if "gate" in maps:
-        tiles.append(heatmap(maps["gate"][0, 0], size))
-        tiles.append(heatmap(maps["attention"][-1][0].sum(-1).reshape(h, w), size))
-    tiles.append(overlay(image, baseline, "blue"))
-    save_image(make_grid(tiles, nrow=len(tiles), padding=4).float() / 255, path)
-    return path
+    mask = model.segment_image(image, expr, tok, maps=maps, **options)
+    if not model.cfg.mba:
+        return {"baseline (mba=False)": mask}, maps
+    with as_baseline(model):
+        baseline = model.segment_image(image, expr, tok, **options)
+    return {"SALMA": mask, "baseline (mba=False)": baseline}, maps
+
+
+def visualize(model, tok, sample, path, options):
+    """figure PNG of an image item's first expression: image | SALMA | G | attention | baseline | ground truth."""
+    image, expr = sample["frames"][0], sample["exprs"][0]
+    masks, maps = compare(model, tok, image, expr, **options)
+    fig = plot.mask_figure(image, expr, masks, *figure_maps(maps), truth=sample["masks"][0, 0],
+                          subtitle=f"answer: {maps['answer']}")
+    return plot.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +597,7 @@ def parse_args(argv=None):
     p.add_argument("--force_seg", type=salma.parse_bool, default=False, metavar="BOOL", help="teacher-force 'Sure, [SEG].' instead of generating")
     p.add_argument("--max_new_tokens", type=int, default=2048,
                    help="generation stops at <|im_end|> or after this many tokens (default 2048, as Sa2VA)")
-    p.add_argument("--visualize", type=int, default=0, help="write figures for the first N image items and stop")
+    p.add_argument("--visualize", type=int, default=0, help="write figure PNGs (image | SALMA | gate G | MBA attention | baseline | ground truth) for the first N image items and stop")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="precision (default auto: bf16 on CUDA and on CPUs with native bf16 matmuls, AVX-512 BF16 or AMX; "
                         "fp32 on other CPUs, where bf16 is slower). bf16 puts the MLLM's weights in bf16 and runs "
@@ -646,8 +652,7 @@ def main(argv=None):
         raise SystemExit("eval.py: --visualize draws referring expressions; gcg has none")
     if args.visualize:
         for i in range(min(args.visualize, n)):
-            sample = dataset[i]
-            path = visualize(model, tok, sample, sample["exprs"][0], os.path.join(args.out_dir, f"figure_{i}.png"), args.force_seg)
+            path = visualize(model, tok, dataset[i], os.path.join(args.out_dir, f"figure_{i}.png"), generation(args))
             print(f"wrote {path}")
         return
     is_video = args.dataset in VIDEO_DATASETS

@@ -992,7 +992,7 @@ class SALMA(nn.Module):
                 generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True,
                                                        context_index=context_index)
                 sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
-                text = tokenizer.decode(generated.tolist())
+                text = tokenizer.decode([i for i in generated.tolist() if i not in stop], skip_special_tokens=False)  # [SEG] kept
             seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
             z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
             n = len(seg_pos)
@@ -1007,9 +1007,16 @@ class SALMA(nn.Module):
         return text.replace("<|im_end|>", "").replace("<|endoftext|>", "").strip()
 
     @torch.inference_mode()
-    def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False, max_new_tokens=2048):
-        """Referring segmentation of one PIL image: bool mask (H, W), or an empty mask without [SEG]."""
-        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg, max_new_tokens=max_new_tokens)
+    def segment_image(self, image, expr, tokenizer, maps=None, force_seg=False, max_new_tokens=2048, question=None):
+        """Referring segmentation of one PIL image: bool mask (H, W), or an empty mask without [SEG].
+
+        maps, when given, receives the answer text, the gate, the MBA attention and the mask logits;
+        force_seg, max_new_tokens and question go to answer().
+        """
+        text, z_seg, hidden, valid = self.answer([image], expr, tokenizer, force_seg=force_seg, max_new_tokens=max_new_tokens,
+                                                 question=question)
+        if maps is not None:
+            maps["answer"] = text
         w, h = image.size
         if z_seg.shape[0] == 0:
             if maps is not None:
@@ -1063,17 +1070,22 @@ def eval_prompt(expr, is_video):
 
 
 @torch.inference_mode()
-def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False, max_new_tokens=2048):
+def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False, max_new_tokens=2048,
+                  question=None, maps=None):
     """Masks of a video, one frame at a time (never all frames at SAM-2 size in memory).
 
     load_frame(t) -> PIL image. The first cfg.video_frames frames go to the MLLM; frames
     0..num_cond_frames-1 are decoded with the [SEG] prompt and no memory, the others are tracked
     with SAM-2's memory attention, memory encoder and object pointers. Yields bool masks (H, W).
+    maps_for(t) -> a dict receiving frame t's gate and MBA attention; maps receives the answer text;
+    force_seg, max_new_tokens and question go to SALMA.answer().
     """
     cfg, sam = model.cfg, model.grounding.sam2_model
     mllm_frames = [load_frame(t) for t in range(min(cfg.video_frames, num_frames))]
-    _, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg,
-                                           max_new_tokens=max_new_tokens)
+    text, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg,
+                                              max_new_tokens=max_new_tokens, question=question)
+    if maps is not None:
+        maps["answer"] = text
     del mllm_frames
     if z_seg.shape[0] == 0:
         for t in range(num_frames):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import data
 import losses
+import plot
 import salma
 
 
@@ -242,6 +243,7 @@ def main(argv=None):
     train_cfg, loss_cfg, preset, overrides = parse_args(argv)
     if train_cfg.export:
         return export(train_cfg, preset, overrides)
+    start = time.time()
     rank, local_rank, world_size, device = setup_distributed()
     master = rank == 0
     torch.use_deterministic_algorithms(True, warn_only=True)  # same flags, same numbers (README: Determinism)
@@ -308,11 +310,14 @@ def main(argv=None):
             weights = full_weights(model)  # a collective under FSDP
             if master:
                 save_checkpoint(ckpt_path, weights, None if train_cfg.fsdp else optimizer, scheduler, sampler, step, configs)
+                plot.plot_log(log_path)  # curves.png: loss parts and lr against step
     bar.close()
     if master and data.WARNINGS:  # skipped, truncated or cut samples, by reason
         print("data problems handled:", dict(data.WARNINGS))
         with open(os.path.join(train_cfg.out_dir, "data_problems.json"), "w") as f:
             json.dump(dict(data.WARNINGS), f, indent=1)
+    if master:
+        print(f"trained {plot.summary(log_path)} | {time.time() - start:.0f} s wall | checkpoint {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -306,7 +306,7 @@ def test_visualize_writes_side_by_side_figures(trained, tmp_path):
     from PIL import Image
 
     figure = Image.open(tmp_path / "figure_0.png")
-    assert figure.width > 4 * figure.height  # image, mask, gate, attention, baseline side by side
+    assert figure.width == 6 * (192 + 10) + 10  # image | SALMA | gate | attention | baseline | ground truth, native 192 px
 
 
 def test_eval_runs_in_bf16_with_masks_close_to_fp32(trained, tmp_path):
