@@ -66,8 +66,27 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 12, "large": 24}  # half-extent in pixels
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
-RELATIONS = {"left of": lambda a, b: a["cx"] < b["cx"], "right of": lambda a, b: a["cx"] > b["cx"],
-             "above": lambda a, b: a["cy"] < b["cy"], "below": lambda a, b: a["cy"] > b["cy"]}
+RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}  # unit direction (x, y)
+RELATION_MARGIN = 20  # px: "a left of b" holds when a's centre is >= 20 px further left and within 45 degrees
+
+
+def relation_offset(relation, a, b):
+    """(along, across): a's centre relative to b's along the relation's direction and across it (px)."""
+    ux, uy = RELATIONS[relation]
+    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+    return ux * dx + uy * dy, abs(uy * dx - ux * dy)
+
+
+def relation_holds(relation, a, b):
+    """Clearly true: at least RELATION_MARGIN along the direction, no more across than along."""
+    along, across = relation_offset(relation, a, b)
+    return along >= RELATION_MARGIN and across <= along
+
+
+def relation_arguable(relation, a, b):
+    """Could be read as true by a person (same side, within ~70 degrees); such scenes are not used."""
+    along, across = relation_offset(relation, a, b)
+    return along > 0 and across <= 3 * along
 
 
 def draw_shape(draw, obj, fill):
@@ -111,18 +130,33 @@ def objects_matching(text, objects):
             return []
         want = "large" if words[1] == "larger" else "small"
         return [i for i in group if objects[i]["size"] == want]
-    for relation, test in RELATIONS.items():
+    for relation in RELATIONS:
         if f" {relation} " in text:
             head, anchor_text = text.split(f" {relation} ")
             anchors = objects_matching(anchor_text, objects)
             if len(anchors) != 1:
                 return []
-            return [i for i in objects_matching(head, objects) if i != anchors[0] and test(objects[i], objects[anchors[0]])]
+            anchor = objects[anchors[0]]
+            heads = [i for i in objects_matching(head, objects) if i != anchors[0]]
+            if any(relation_arguable(relation, objects[i], anchor) and not relation_holds(relation, objects[i], anchor) for i in heads):
+                return []  # a borderline candidate makes the expression ambiguous
+            return [i for i in heads if relation_holds(relation, objects[i], anchor)]
     if " moving " in text:
         head, direction = text.split(" moving ")
         return [i for i in objects_matching(head, objects) if objects[i].get("direction") == direction]
     wanted = {w for w in words if w in SIZES or w in COLOURS or w in SHAPES}
     return [i for i, o in enumerate(objects) if wanted <= {o["size"], o["colour"], o["shape"]} and words[-1] in SHAPES]
+
+
+def expression_kind(text):
+    """What a generated expression asks to resolve: 'attribute', 'relation', 'comparative' or 'motion'."""
+    if " moving " in text:
+        return "motion"
+    if " of the two " in text:
+        return "comparative"
+    if any(f" {relation} " in text for relation in RELATIONS):
+        return "relation"
+    return "attribute"
 
 
 def pick_expression(objects, target, rng, video):
@@ -499,21 +533,21 @@ class LLaVAChatDataset(torch.utils.data.Dataset):
 
 
 # the official name of each dataset's evaluation split (and its files)
-EVAL_SPLITS = {"synthetic": "val", "refcoco": "val", "refcoco+": "val", "refcocog": "val", "ytvos": "valid",
+EVAL_SPLITS = {"synthetic": "val", "synthetic_images": "val", "refcoco": "val", "refcoco+": "val", "refcocog": "val", "ytvos": "valid",
                "davis17": "valid", "mevis": "valid_u", "revos": "valid", "llava": "train"}
 LLAVA_FILE = "llava_v1_5_mix665k.json"
 
 
 def build_dataset(name, root="", split="", train=False, seed=0, num_samples=None):
-    """One dataset by name: synthetic, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava, or MIX_NAMES.
+    """One dataset by name: synthetic, synthetic_images, refcoco, refcoco+, refcocog, ytvos, davis17, mevis, revos, llava, or MIX_NAMES.
 
     split "" = the official evaluation split (EVAL_SPLITS), or train with train=True.
     """
     if name not in EVAL_SPLITS and name not in MIX_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose {', '.join([*EVAL_SPLITS, *MIX_NAMES])}")
-    if name == "synthetic":
+    if name in ("synthetic", "synthetic_images"):  # synthetic_images: no videos (a quarter are videos otherwise)
         n = num_samples or (10_000 if train else 200)
-        return SyntheticRefDataset(n, seed=seed if train else seed + 10_000)
+        return SyntheticRefDataset(n, seed=seed if train else seed + 10_000, video_fraction=0.25 if name == "synthetic" else 0.0)
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (README: Data)")
     if name in MIX_NAMES:  # training sets only

@@ -515,6 +515,12 @@ def summarize(rows, is_video):
     return meter.result()
 
 
+def by_kind(rows, is_video):
+    """The metrics of each kind of generated expression (attribute / relation / comparative / motion)."""
+    kinds = [data.expression_kind(r["expr"]) for r in rows]
+    return {kind: summarize([r for r, k in zip(rows, kinds) if k == kind], is_video) for kind in sorted(set(kinds))}
+
+
 # ---------------------------------------------------------------------------------------------
 # figures: SALMA with its gate G and MBA attention next to the --mba=False baseline (plot.mask_figure)
 
@@ -675,6 +681,8 @@ def main(argv=None):
         metrics = gcg_summary(rows, dataset.mask_gt_path)
     else:
         metrics = summarize(rows, is_video)
+        if args.dataset.startswith("synthetic"):
+            metrics["by_kind"] = by_kind(rows, is_video)
     elapsed = time.time() - start
     metrics.update(dataset=args.dataset, split=args.split, ckpt=args.ckpt, mba=model.cfg.mba, items=n)
     speed = {"items_per_s": n / max(elapsed, 1e-9), "seconds": elapsed, "peak_host_gib": peak_host_memory_gib()}

@@ -944,7 +944,8 @@ class SALMA(nn.Module):
             side = self.cfg.sam_image_size // 16  # SAM-2's image embedding grid
             low = z_seg.new_zeros(0, 1, 4 * side, 4 * side)
             return {"logits": out["logits"], "low_res": low, "z_seg": z_seg, "tmc_feats": z_seg.new_zeros(0, self.grounding.width, side, side)}
-        with torch.no_grad():  # the SAM-2 image encoder is frozen in every recipe
+        encoder_trains = any(p.requires_grad for p in self.grounding.sam2_model.image_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):  # frozen in the sa2va recipe
             enc = self.grounding.encode_image(batch["sam_images"])
         image_embed = enc["image_embed"][frame]  # (P, C, h, w)
         high_res = [f[frame] for f in enc["high_res_feats"]]
@@ -1359,12 +1360,12 @@ def build_salma(cfg, init="", sam2_ckpt="", device="cpu", dtype=torch.float32, *
 
 
 def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
-    """recipe 'full': everything but the SAM-2 image encoder trains; 'sa2va': DESIGN section 4 groups."""
+    """recipe 'full': everything trains (from scratch nothing is pretrained); 'sa2va': DESIGN section 4 groups."""
     if recipe not in ("full", "sa2va"):
         raise ValueError(f"--recipe={recipe!r}: expected 'full' or 'sa2va'")
     model.requires_grad_(True)
-    model.grounding.sam2_model.image_encoder.requires_grad_(False)
     if recipe == "sa2va":
+        model.grounding.sam2_model.image_encoder.requires_grad_(False)
         model.mllm.vision_model.requires_grad_(False)
         model.mllm.mlp1.requires_grad_(False)
         llm = model.mllm.language_model

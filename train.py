@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay (matrices only)
     warmup_frac: float = 0.05  # linear lr warm-up over this fraction of max_steps
     grad_clip: float = 1.0  # gradient-norm clipping
-    recipe: str = "auto"  # sa2va: frozen ViT + SAM-2 encoder, LoRA LLM (auto with --init); full: all but the SAM-2 encoder
+    recipe: str = "auto"  # sa2va: frozen ViT + SAM-2 encoder, LoRA LLM (auto with --init); full: everything trains (auto from scratch)
     lora_r: int = 128  # LoRA rank (sa2va recipe)
     lora_alpha: int = 256  # LoRA alpha (sa2va recipe)
     lora_dropout: float = 0.05  # LoRA dropout (sa2va recipe)

@@ -37,8 +37,11 @@ def referents(text, objects):
             anchors = [o for o in objects if attrs_ok(anchor, o)]
             if len(anchors) != 1:
                 return []
-            a = anchors[0]
-            return [i for i, o in enumerate(objects) if o is not a and attrs_ok(head, o) and sign * (o[axis] - a[axis]) > 0]
+            a, other = anchors[0], "cy" if axis == "cx" else "cx"
+            heads = [(i, sign * (o[axis] - a[axis]), abs(o[other] - a[other])) for i, o in enumerate(objects) if o is not a and attrs_ok(head, o)]
+            clear = [i for i, along, across in heads if along >= 20 and across <= along]
+            borderline = [i for i, along, across in heads if 0 < along and across <= 3 * along and i not in clear]
+            return [] if borderline else clear
     if " moving " in text:
         head, direction = text.split(" moving ")
         return [i for i, o in enumerate(objects) if attrs_ok(head, o) and o["direction"] == direction]
@@ -46,6 +49,7 @@ def referents(text, objects):
 
 
 def test_every_expression_identifies_exactly_its_target():
+    """Relations hold with a clear margin (>= 20 px along, within 45 degrees) and no borderline candidate."""
     ds = data.SyntheticRefDataset(60, seed=1, video_fraction=0.3)
     kinds = set()
     for i in range(len(ds)):

@@ -176,7 +176,8 @@ def test_one_step_gives_finite_gradients_to_every_trainable_group(mba_layers):
     assert set(logs) >= {"lm", "bce", "dice", "tmc", "bound", "loss"} and all(np.isfinite(list(logs.values())))
     loss.backward()
     groups = {"router": "mba.0.router", "mba": "mba.0.attn", "gamma": "mba.0.gamma", "text_hidden_fcs": "text_hidden_fcs",
-              "decoder": "grounding.sam2_model.sam_mask_decoder", "llm": "mllm.language_model.layers"}
+              "decoder": "grounding.sam2_model.sam_mask_decoder", "llm": "mllm.language_model.layers",
+              "sam2_encoder": "grounding.sam2_model.image_encoder"}  # from scratch it trains too (DESIGN §3 tiny)
     for group, prefix in groups.items():
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix) and p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), group
