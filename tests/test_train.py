@@ -104,8 +104,10 @@ def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_pa
     single = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     fsdp = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["model"]
     assert ddp.keys() == single.keys() == fsdp.keys()
-    assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 5e-5  # lr is 1e-3: updates are ~1e-3
-    assert max((fsdp[k] - single[k]).abs().max().item() for k in ddp) < 5e-5
+    # lr is 1e-3: updates are ~1e-3. Adam turns summation-order noise into steps where the true gradient is ~0
+    # (attention k_proj biases: softmax ignores them; SAM-2's window position embedding): up to ~1e-4 there.
+    assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 2e-4
+    assert max((fsdp[k] - single[k]).abs().max().item() for k in ddp) < 2e-4
     run_train("--max_steps=1", "--save_every=1", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-12",
               f"--out_dir={tmp_path / 'init'}")
     init = torch.load(tmp_path / "init" / "ckpt.pt", weights_only=True)["model"]
