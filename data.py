@@ -52,11 +52,10 @@ def load_image(path):
 
 
 def read_json(path):
-    """json.load with an error that names the file."""
+    """A dataset's JSON file; one error naming it when missing (with where to look) or malformed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; check --data_root and the dataset layout (README)")
-    with open(path) as f:
-        return json.load(f)
+    return salma.read_json_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
