@@ -14,7 +14,6 @@ The rest of the training mix (GCG, SA-V, Osprey, Video-ChatUniVi) also gives "tu
 answer)] (the k-th [SEG] of the answers goes with the k-th mask) and, for Osprey, "prompt_masks" (n, H, W).
 """
 
-import json
 import math
 import os
 import pickle
