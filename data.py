@@ -624,11 +624,11 @@ GCG_QUESTIONS = [
 ]
 # Sa2VA's GCG evaluation asks the first question, with five spaces inside it (a line continuation in its string)
 GCG_QUESTION = GCG_QUESTIONS[0].replace("interleaved segmentation", "interleaved     segmentation")
-GCG_FILES = {  # name: (annotation file, image folder) under glamm_data/, as Sa2VA's configs place them
-    "gcg_refcocog": ("annotations/RefCOCOg_GCG_train.json", "images/coco2014/train2014"),
-    "gcg_grandf": ("annotations/GranDf_HA_GCG_train.json", "images/grandf/train"),
-    "gcg_flickr": ("annotations/flickr_mergedGT_GCG_train.json", "images/flickr30k/Flickr30K"),
-    "gcg_psg": ("annotations/OpenPsgGCG_train.json", "images/coco2017"),
+GCG_FILES = {  # name: (annotation file, image folder, repeats within gcg) under glamm_data/, as Sa2VA's configs
+    "gcg_refcocog": ("annotations/RefCOCOg_GCG_train.json", "images/coco2014/train2014", 1),
+    "gcg_grandf": ("annotations/GranDf_HA_GCG_train.json", "images/grandf/train", 10),  # GranDf 10x the others
+    "gcg_flickr": ("annotations/flickr_mergedGT_GCG_train.json", "images/flickr30k/Flickr30K", 1),
+    "gcg_psg": ("annotations/OpenPsgGCG_train.json", "images/coco2017", 1),
 }
 
 
@@ -726,7 +726,7 @@ class GCGDataset(torch.utils.data.Dataset):
 
 def build_gcg(name, root, seed):
     """One GCG set (gcg_refcocog, gcg_grandf, gcg_flickr, gcg_psg) from {root}/glamm_data/."""
-    ann, images = GCG_FILES[name]
+    ann, images, _ = GCG_FILES[name]
     path = os.path.join(root, "glamm_data", ann)
     parse = {"gcg_refcocog": refcocog_gcg_records, "gcg_flickr": flickr_gcg_records}.get(name, grandf_gcg_records)
     return GCGDataset(parse(path), os.path.join(root, "glamm_data", images), path, seed)
@@ -761,7 +761,7 @@ class GCGEvalDataset(torch.utils.data.Dataset):
                 "masks": torch.stack(gt)[:, None] if gt else torch.zeros(0, 1, image.height, image.width, dtype=torch.bool)}
 
 
-# --- SA-V masklets with object expressions (Sa2VA's sam_v_final_v3.json; Ref-SAV.json has the same layout)
+# --- SA-V masklets with object expressions (Sa2VA's Ref-SAV.json, named sam_v_final_v3.json in its first configs)
 
 SAV_QUESTION = "Please segment the object according to the description: {}"
 
@@ -928,25 +928,26 @@ class VideoChatDataset(torch.utils.data.Dataset):
                 "masks": torch.zeros(0, len(frames), frames[0].height, frames[0].width, dtype=torch.bool), "turns": turns}
 
 
-MIX_NAMES = ["gcg", *GCG_FILES, "sav", "ref_sav", "osprey", "video_chat"]
+MIX_NAMES = ["gcg", *GCG_FILES, "sav", "osprey", "video_chat"]
+SAV_EXPRESSION_FILES = ["Ref-SAV.json", "sam_v_final_v3.json"]  # under video_datas/: the first one present is read
 
 
 def build_mix_dataset(name, root, seed=0):
-    """Training sets of the rest of the mix by name (MIX_NAMES); gcg and osprey join their parts."""
+    """Training sets of the rest of the mix by name (MIX_NAMES) in Sa2VA's data/ layout; gcg and osprey join their parts."""
     if name == "gcg":
-        return MixedDataset([(build_gcg(n, root, seed), 1) for n in GCG_FILES])
+        return MixedDataset([(build_gcg(n, root, seed), repeats) for n, (_, _, repeats) in GCG_FILES.items()])
     if name in GCG_FILES:
         return build_gcg(name, root, seed)
-    if name in ("sav", "ref_sav"):
-        folder = os.path.join(root, "sav")
-        expressions = "sam_v_final_v3.json" if name == "sav" else "Ref-SAV.json"
-        return SAVDataset(os.path.join(folder, expressions), os.path.join(folder, "sam_v_full"), seed)
+    videos = os.path.join(root, "video_datas")
+    if name == "sav":
+        paths = [os.path.join(videos, f) for f in SAV_EXPRESSION_FILES]
+        return SAVDataset(next((p for p in paths if os.path.isfile(p)), paths[0]), os.path.join(videos, "sam_v_full"), seed)
     if name == "osprey":
         folder = os.path.join(root, "osprey-724k")
         dirs = [os.path.join(folder, d) for d in OSPREY_IMAGE_DIRS]
         return MixedDataset([(OspreyDataset(os.path.join(folder, "Osprey-724K", f), dirs, kind, seed), 1) for f, kind in OSPREY_FILES.items()])
     if name == "video_chat":
-        folder = os.path.join(root, "chat_univi")
+        folder = os.path.join(videos, "chat_univi")
         return VideoChatDataset(os.path.join(folder, "video_chat.json"), os.path.join(folder, "Activity_Videos"), seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {MIX_NAMES}")
 

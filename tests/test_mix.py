@@ -263,8 +263,11 @@ def official_gcg_answer(caption, spans):
 def test_gcg_readers_in_sa2va_layouts(tmp_path):
     gcg_fixture(tmp_path)
     mix = data.build_dataset("gcg", str(tmp_path), split="train", train=True)
-    assert len(mix) == 4  # one caption per file (Flickr's 3-word caption left out)
-    refcocog, grandf, flickr, psg = (mix[i] for i in range(4))
+    # one caption per file (Flickr's 3-word caption left out); GranDf repeated 10x as in Sa2VA's configs
+    # (projects/llava_sam2/configs/sa2va_1b.py, commit d01bf3f: glamm_grandf_dataset repeats=10, the other three 1)
+    assert len(mix) == 1 + 10 + 1 + 1
+    refcocog, grandf, flickr, psg = mix[0], mix[1], mix[11], mix[12]
+    assert all(mix[i]["turns"] == grandf["turns"] for i in range(2, 11))
     # RefCOCOg-GCG: lower-cased caption; "a man riding" overlaps "riding a horse" and ends before it
     caption = "a man riding a horse near a tree."
     assert refcocog["turns"][0][1] == official_gcg_answer(caption, [[0, 5], [6, 20]])
@@ -289,9 +292,10 @@ def test_gcg_readers_in_sa2va_layouts(tmp_path):
 
 
 def sav_fixture(root, num_frames=32):
-    """sav/sam_v_final_v3.json + sav/sam_v_full/ (layout read by Sa2VA's ReSAM2_Dataset.py: the entry's paths
-    repeat 'sav_000/' before 'sav_train/', which Sa2VA's sam2_path_patch drops)."""
-    folder = root / "sav" / "sam_v_full" / "sav_train" / "sav_000"
+    """video_datas/Ref-SAV.json + video_datas/sam_v_full/ (Sa2VA's README data/ tree and its configs'
+    VIDEO_DATA_ROOT paths; layout read by Sa2VA's ReSAM2_Dataset.py: the entry's paths repeat 'sav_000/' before
+    'sav_train/', which Sa2VA's sam2_path_patch in projects/sa2va/datasets/data_utils.py drops)."""
+    folder = root / "video_datas" / "sam_v_full" / "sav_train" / "sav_000"
     save_video(str(folder / "sav_000001.mp4"), num_frames)
     masklet = [[rle_of(box(48, 64, t, 0, t + 10, 10)), rle_of(box(48, 64, 0, 20 + t // 4, 15, 30 + t // 4))]
                for t in range(0, num_frames, 4)]  # SA-V annotates every 4th frame; one RLE per object
@@ -300,7 +304,7 @@ def sav_fixture(root, num_frames=32):
                               "anno_path": "sav_000/sav_train/sav_000/sav_000001_manual.json",
                               "objects": {"0": {"formated": "A square sliding right.", "short_caps": ["square"]},
                                           "1": {"formated": "A bar moving down.", "short_caps": ["bar"]}}}},
-              str(root / "sav" / "sam_v_final_v3.json"))
+              str(root / "video_datas" / "Ref-SAV.json"))
     return masklet
 
 
@@ -311,7 +315,7 @@ def test_sav_reader_samples_objects_and_annotated_frames(tmp_path):
     s = ds[0]
     assert s["masks"].shape == (5, 5, 48, 64) and len(s["frames"]) == 5 and len(s["turns"]) == 5
     objects = {"A square sliding right.": 0, "A bar moving down.": 1}
-    raw = frame_numbers(s["frames"], str(tmp_path / "sav/sam_v_full/sav_train/sav_000/sav_000001.mp4"))
+    raw = frame_numbers(s["frames"], str(tmp_path / "video_datas/sam_v_full/sav_train/sav_000/sav_000001.mp4"))
     assert raw == sorted(raw) and all(t % 4 == 0 for t in raw) and len(set(raw)) == 5
     for k, (question, answer) in enumerate(s["turns"]):
         expr = question.removeprefix("<image>").removeprefix("Please segment the object according to the description: ")
@@ -320,6 +324,9 @@ def test_sav_reader_samples_objects_and_annotated_frames(tmp_path):
             want = mask_utils.decode(compressed(masklet[t // 4]))[:, :, objects[expr]] > 0  # Sa2VA's decode_masklet
             assert torch.equal(s["masks"][k, j], torch.from_numpy(want))
     assert data.build_dataset("sav", str(tmp_path), split="train", train=True)[0]["exprs"] == s["exprs"]  # deterministic
+    # the same file under the name Sa2VA's first configs give it (bytedance/Sa2VA issues #17 and #55)
+    os.rename(tmp_path / "video_datas/Ref-SAV.json", tmp_path / "video_datas/sam_v_final_v3.json")
+    assert data.build_dataset("sav", str(tmp_path), split="train", train=True)[0]["exprs"] == s["exprs"]
 
 
 def compressed(rles):
@@ -389,14 +396,14 @@ def test_osprey_reader_region_prompts_and_text_match_sa2va(tmp_path):
 
 
 def test_video_chat_reader_samples_one_frame_per_segment(tmp_path):
-    save_video(str(tmp_path / "chat_univi/Activity_Videos/v_abc.mp4"), 23)
+    save_video(str(tmp_path / "video_datas/chat_univi/Activity_Videos/v_abc.mp4"), 23)
     json_dump([{"id": "v_abc", "video": "v_abc.mkv", "conversations": [
         {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "Nothing moves."},
-        {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Grey."}]}], str(tmp_path / "chat_univi/video_chat.json"))
+        {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Grey."}]}], str(tmp_path / "video_datas/chat_univi/video_chat.json"))
     ds = data.build_dataset("video_chat", str(tmp_path), split="train", train=True)
     s = ds[0]
     bounds = np.linspace(0, 23, num=6, dtype=int)  # Sa2VA's ChatUniVi_Dataset._get_rawvideo_dec
-    raw = frame_numbers(s["frames"], str(tmp_path / "chat_univi/Activity_Videos/v_abc.mp4"))
+    raw = frame_numbers(s["frames"], str(tmp_path / "video_datas/chat_univi/Activity_Videos/v_abc.mp4"))
     assert len(raw) == 5 and all(bounds[i] <= t < bounds[i + 1] for i, t in enumerate(raw))
     assert s["turns"] == [("<image>\nWhat happens?", "Nothing moves."), ("What colour is it?", "Grey.")]
     assert s["masks"].shape == (0, 5, 48, 64) and s["is_video"]
@@ -423,9 +430,9 @@ def full_mix_fixtures(root):
     gcg_fixture(root)
     sav_fixture(root)
     osprey_fixture(root)
-    save_video(str(root / "chat_univi/Activity_Videos/v_abc.mp4"), 12)
+    save_video(str(root / "video_datas/chat_univi/Activity_Videos/v_abc.mp4"), 12)
     json_dump([{"video": "v_abc.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
-                                                        {"from": "gpt", "value": "Nothing."}]}], str(root / "chat_univi/video_chat.json"))
+                                                        {"from": "gpt", "value": "Nothing."}]}], str(root / "video_datas/chat_univi/video_chat.json"))
 
 
 def test_one_training_step_on_each_new_source_trains_every_group(tmp_path):
