@@ -176,21 +176,25 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
     """Generated scenes of shapes with distractors; sample i is a pure function of (seed, i)."""
 
     def __init__(self, num_samples=10_000, image_size=(192, 192), seed=0, video_fraction=0.25, num_frames=5,
-                 max_exprs=3):
+                 max_exprs=3, twins=False):
         self.num_samples, self.size, self.seed = num_samples, image_size, seed
         self.video_fraction, self.num_frames, self.max_exprs = video_fraction, num_frames, max_exprs
+        self.twins = twins  # the distractor split: a small target beside a large twin (see twin_expression)
 
     def __len__(self):
         return self.num_samples
 
     def place(self, rng, video):
-        """3-6 objects that never overlap (in any frame of a video)."""
+        """3-6 objects that never overlap (in any frame of a video); with twins, the first two are a small
+        object and a large one of the same colour and shape."""
         w, h = self.size
         objects, wanted = [], rng.randint(3, 6)
         for _ in range(200):
             if len(objects) == wanted:
                 break
             size = rng.choice(list(SIZES))
+            if self.twins and len(objects) < 2:
+                size = ("small", "large")[len(objects)]
             r = SIZES[size]
             direction = rng.choice(list(DIRECTIONS)) if video else None
             speed = rng.randint(3, 6) if video else 0
@@ -202,9 +206,18 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
                 continue
             obj = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": size, "r": r,
                    "cx": x0, "cy": y0, "direction": direction, "speed": speed}
+            if self.twins and len(objects) == 1:
+                obj.update(shape=objects[0]["shape"], colour=objects[0]["colour"])
             if all(not paths_touch(obj, o, steps) for o in objects):
                 objects.append(obj)
         return objects
+
+    @staticmethod
+    def twin_expression(objects):
+        """The distractor split's one expression: the small object by size and colour (its large twin
+        is the more salient look-alike), or none when another object also fits."""
+        text = describe(objects[0], ("size", "colour"))
+        return ([text], [0]) if objects_matching(text, objects) == [0] else ([], [])
 
     def expressions(self, objects, rng, video):
         """Up to max_exprs (expression, target index) pairs, targets in random order."""
@@ -224,7 +237,7 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
         exprs = []
         while not exprs:  # a scene where no object can be singled out is drawn again
             objects = self.place(rng, video)
-            exprs, targets = self.expressions(objects, rng, video)
+            exprs, targets = self.twin_expression(objects) if self.twins else self.expressions(objects, rng, video)
         frames, masks = [], []
         for t in range(self.num_frames if video else 1):
             moved = [moved_object(o, t) for o in objects]

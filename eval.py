@@ -2,6 +2,7 @@
 Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
 
   python eval.py                                              # generated synthetic split (no data needed)
+  python eval.py --ckpt out/tiny --dataset synthetic_distractor   # small targets beside a large look-alike
   python eval.py --dataset refcocog --split val --ckpt ckpts/SALMA-1B --data_root data/
   python eval.py --dataset refcocog --split val --ckpt ckpts/SALMA-1B --data_root data/ --mba=False
   python eval.py --dataset mevis --split valid_u --ckpt ckpts/SALMA-1B --data_root data/
@@ -580,7 +581,7 @@ DOWNLOAD_HINTS = {
     "gcg": "GLaMM's GranDf GCG evaluation files as Sa2VA reads them: DATA/glamm_data/annotations/gcg_val_test/{val,test}_gcg_coco_{caption,mask}_gt.json and images in DATA/glamm_data/images/grandf/val_test/",
     "ckpt": "a checkpoint: an official Sa2VA-1B directory (config.json, model.safetensors, tokenizer files), an exported SALMA one, or a train.py --out_dir",
 }
-DATASETS = ("synthetic", "synthetic_video", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos", "gcg")
+DATASETS = ("synthetic", "synthetic_video", "synthetic_distractor", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos", "gcg")
 VIDEO_DATASETS = ("synthetic_video", "davis17", "mevis", "ytvos", "revos")
 
 
@@ -590,7 +591,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Datasets (--data_root DATA, each read in its official layout):\n{datasets}")
     p.add_argument("--dataset", default="synthetic", choices=DATASETS,
-                   help="benchmark (default synthetic); the files each one needs are listed under Datasets below")
+                   help="benchmark (default synthetic: generated images; synthetic_video: generated videos; synthetic_distractor: "
+                        "a small target beside a larger shape of its colour and kind); the files each real one needs are listed under Datasets below")
     p.add_argument("--split", default="", help="split, by its official name (default: val for refcoco*, valid_u for mevis, valid for "
                    "ytvos, davis17, revos); a split without ground truth (ytvos valid, mevis valid) writes the official submission zip")
     p.add_argument("--ckpt", default="", help="official-layout directory or train.py --out_dir ('' = random tiny model)")
@@ -626,7 +628,7 @@ def build_eval_dataset(args):
     """The dataset to evaluate, with one line on what to download when it is not there."""
     if args.dataset.startswith("synthetic"):
         video = 1.0 if args.dataset == "synthetic_video" else 0.0
-        return data.SyntheticRefDataset(args.num_samples, seed=10_000, video_fraction=video)
+        return data.SyntheticRefDataset(args.num_samples, seed=10_000, video_fraction=video, twins=args.dataset == "synthetic_distractor")
     hint = DOWNLOAD_HINTS["refcoco" if args.dataset.startswith("refcoco") else args.dataset]
     if not args.data_root or not os.path.isdir(args.data_root):
         raise SystemExit(f"eval.py: --data_root {args.data_root!r} is not a directory. Needs {hint.replace('DATA', '<data_root>')}.")

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # ---------------------------------------------------------------------------------------------
 # config: one flat dataclass, named presets, argparse flags generated from it
@@ -61,6 +61,7 @@ class Config:
     sam2_tiny: bool = False  # shrink the packaged config (see SAM2_TINY_OVERRIDES)
     sam_image_size: int = 1024  # SAM-2 input side in pixels
     num_cond_frames: int = 5  # video: frames decoded with the [SEG] prompt, the rest tracked
+    sam_multimask: bool = True  # decoder makes 3 masks and keeps the best-IoU one (Sa2VA); False: its single-mask output (tiny: an untrained IoU head would pick at random)
     # SALMA (paper section 3.2); mba=False is exactly the Sa2VA baseline
     mba: bool = True  # SALMA's pre-pass gate + Mask-Biased Attention; False = exactly the Sa2VA baseline
     mba_layers: str = "last"  # LLM layers whose hidden states feed an MBA block: last, all, or a comma list of indices
@@ -93,6 +94,7 @@ PRESETS = {
         image_size=112, vit_width=64, vit_depth=2, vit_heads=2, max_tiles=2,
         vocab_size=0, llm_hidden=128, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=256,
         rope_theta=1e4, sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml", sam2_tiny=True, sam_image_size=256,
+        sam_multimask=False,
     ),  # vocab_size=0: taken from the built-in tiny tokenizer
 }
 INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -196,11 +198,22 @@ def qwen_byte_level(model):
     return tok
 
 
+# Words of the generated testbed's expressions and of the prompts (data.py, eval_prompt): the tiny
+# tokenizer gives each one token, as a real BPE vocabulary gives common words, so that a 2-layer
+# LLM reads "red circle" as two tokens rather than eleven bytes. Other text falls back to bytes.
+TINY_WORDS = ("please segment the in this image video can you what is respond with segmentation mask output "
+              "it sure result red green blue yellow circle square triangle small large larger smaller left right "
+              "of above below up down moving two shapes give me a short description region picture marked by")
+
+
 def tiny_tokenizer():
-    """Byte-level tokenizer with no merges (256 byte tokens) + Qwen/InternVL/Sa2VA specials."""
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab))}
-    tok = qwen_byte_level(models.BPE(vocab=byte_vocab, merges=[]))
+    """Byte-level BPE whose merges spell each TINY_WORDS word (any case, with or without a leading
+    space) as one token; other text stays bytes; + the Qwen/InternVL/Sa2VA specials."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = qwen_byte_level(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    words = [v for w in TINY_WORDS.split() for v in (w, " " + w, w.capitalize(), " " + w.capitalize())]
+    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(words, trainer)  # every word occurs once: merging runs until each is one token
     tok.add_special_tokens(QWEN_SPECIALS + SA2VA_TOKENS)
     return tok
 
@@ -732,6 +745,7 @@ class SAM2Grounding(nn.Module):
         super().__init__()
         self.sam2_model = build_sam2(cfg)
         self.width = self.sam2_model.hidden_dim  # 256 real, 64 tiny
+        self.multimask = cfg.sam_multimask
 
     def encode_image(self, images):
         """images (B, 3, S, S) -> dict(image_embed F_v (B, C, h, w) with no_mem_embed, high_res_feats, ...)."""
@@ -745,12 +759,13 @@ class SAM2Grounding(nn.Module):
                 "vision_pos": vision_pos, "feat_sizes": feat_sizes}
 
     def decode_heads(self, image_embed, high_res_feats, seg_embed=None):
-        """Sa2VA's decoder call; returns low_res (B, 1, 4h, 4w) best-IoU logits, token (B, C), object_score (B, 1).
+        """Sa2VA's decoder call; returns low_res (B, 1, 4h, 4w) logits (best-IoU or single), token (B, C), object_score (B, 1).
 
         Prompt: the point (0, 0) with label -1 ("not a point", padded to two sparse tokens), no box,
         no mask (dense no_mask_embed), plus seg_embed (B, C) as a third sparse token when given.
-        multimask_output=True and the mask with the highest predicted IoU is kept. As in Sa2VA's copy
-        of SAM-2's heads, masks are never overwritten where the object score says "no object".
+        With cfg.sam_multimask (Sa2VA's call), multimask_output=True and the mask with the highest
+        predicted IoU is kept; else the decoder's single-mask output. As in Sa2VA's copy of SAM-2's
+        heads, masks are never overwritten where the object score says "no object".
         """
         sam, b = self.sam2_model, image_embed.shape[0]
         points = (image_embed.new_zeros(b, 1, 2), -torch.ones(b, 1, dtype=torch.int32, device=image_embed.device))
@@ -759,8 +774,8 @@ class SAM2Grounding(nn.Module):
             sparse = torch.cat([sparse, seg_embed[:, None].to(sparse.dtype)], dim=1)  # (B, 3, C)
         masks, iou, tokens, object_score = sam.sam_mask_decoder(
             image_embeddings=image_embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-            repeat_image=False, high_res_features=high_res_feats)  # (B, 3, 4h, 4w), (B, 3), (B, 3, C), (B, 1)
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=self.multimask,
+            repeat_image=False, high_res_features=high_res_feats)  # (B, M, 4h, 4w), (B, M), (B, M', C), (B, 1); M = 3 or 1
         rows, best = torch.arange(b, device=masks.device), iou.argmax(dim=1)
         token = tokens[rows, best] if tokens.shape[1] > 1 else tokens[:, 0]  # one token unless SAM-2 keeps all
         return {"low_res": masks[rows, best][:, None], "token": token, "object_score": object_score}

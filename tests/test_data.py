@@ -63,6 +63,20 @@ def test_every_expression_identifies_exactly_its_target():
     assert kinds == {"relation", "comparative", "motion", "attribute"}
 
 
+def test_distractor_split_puts_a_larger_look_alike_beside_a_small_target():
+    """synthetic_distractor (issue: attention drift to salient distractors): the expression names a small
+    target by size and colour, and the image holds at least 3x its area more of that colour elsewhere."""
+    ds = data.SyntheticRefDataset(40, seed=10_000, video_fraction=0.0, twins=True)
+    for i in range(len(ds)):
+        s = ds[i]
+        (text,), (target,) = s["exprs"], s["targets"]
+        assert text.startswith("the small ") and referents(text, s["objects"]) == [target], (s["id"], text)
+        colour = next(c for c in data.COLOURS if f" {c} " in text)
+        same_colour = (np.array(s["frames"][0]) == np.array(data.COLOURS[colour])).all(-1)
+        mask = s["masks"][0, 0].numpy()
+        assert (same_colour & mask).sum() == mask.sum() and (same_colour & ~mask).sum() > 3 * mask.sum(), s["id"]
+
+
 def test_masks_are_exactly_the_pixels_of_the_rendered_shapes():
     ds = data.SyntheticRefDataset(20, seed=2, video_fraction=0.5)
     for i in range(len(ds)):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -249,6 +250,24 @@ def test_vocab_merges_tokenizer_gives_the_same_ids_as_tokenizer_json(tmp_path):
     assert from_json.encode(text).ids == from_files.encode(text).ids
     assert from_files.encode(text).ids[0] == specials["<|im_start|>"]
     assert from_files.decode(from_files.encode("the blue square").ids) == "the blue square"
+
+
+def test_tiny_tokenizer_reads_testbed_words_as_single_tokens_and_is_reproducible():
+    """Every word of the generated expressions, the training questions/answers and eval's prompts is one
+    token (any case, after a space or not); other text round-trips through bytes; two builds are identical."""
+    import data
+
+    tok = salma.tiny_tokenizer()
+    scenes = data.SyntheticRefDataset(200, seed=3)
+    texts = [e for i in range(len(scenes)) for e in scenes[i]["exprs"]] + data.SEG_QUESTIONS + data.SEG_ANSWERS
+    texts += [salma.eval_prompt("the red circle", video) for video in (False, True)] + [salma.REGION_QUESTION]
+    for text in texts:
+        text = text.replace("<image>\n", "").replace("[SEG]", "")
+        pieces = [p.lstrip("Ġ") for p in tok.encode(text).tokens if re.search("[A-Za-z]", p)]
+        assert pieces == re.findall(r"[A-Za-z]+", text), (text, pieces)
+    other = "Zebra quagga, naïve façade 42!"
+    assert tok.decode(tok.encode(other).ids) == other
+    assert tok.to_str() == salma.tiny_tokenizer().to_str()
 
 
 def test_encode_turns_marks_user_words_and_answer_labels():

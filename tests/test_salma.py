@@ -41,10 +41,13 @@ def sample(video=False, frames=5):
 # SAM-2 image path
 
 
-def test_image_path_matches_sam2_image_predictor():
+@pytest.mark.parametrize("multimask", [True, False])
+def test_image_path_matches_sam2_image_predictor(multimask):
+    """Our decoder call against sam2's SAM2ImagePredictor.predict (sam2/sam2_image_predictor.py): with
+    multimask (Sa2VA's call) the best-IoU of 3 masks, without it the single-mask output."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model, _ = tiny_model()
+    model, _ = tiny_model(sam_multimask=multimask)
     grounding = model.grounding
     with torch.no_grad():  # make the object-score head say "object present" so no mask is gated away
         grounding.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
@@ -53,7 +56,7 @@ def test_image_path_matches_sam2_image_predictor():
     predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # the predictor assumes 1024 px
     predictor.set_image(np.array(image))
     _, iou, low_ref = predictor.predict(point_coords=np.array([[0.0, 0.0]]), point_labels=np.array([-1]),
-                                        multimask_output=True, return_logits=True, normalize_coords=False)
+                                        multimask_output=multimask, return_logits=True, normalize_coords=False)
     best_ref = torch.from_numpy(low_ref[iou.argmax()])
     with torch.no_grad():
         enc = grounding.encode_image(salma.sam_pixels([image], 256))
