@@ -157,29 +157,34 @@ def expression_kind(text):
     return "attribute"
 
 
-def pick_expression(objects, target, rng, video):
-    """An expression that picks out exactly the target; the kind (attribute, relation, comparative) first."""
+def pick_expression(objects, target, rng, video, kinds=None):
+    """An expression that picks out exactly the target; the kind (attribute, relation, comparative) first.
+
+    kinds: the kinds allowed (None = all; the ladder tests train on one kind at a time).
+    """
     obj = objects[target]
     if video:
-        kinds = [[describe(obj, w) + f" moving {obj['direction']}" for w in ((), ("colour",), ("size", "colour"))]]
+        texts = {"motion": [describe(obj, w) + f" moving {obj['direction']}" for w in ((), ("colour",), ("size", "colour"))]}
     else:
-        kinds = [[describe(obj, w) for w in ((), ("colour",), ("size",), ("size", "colour"))],
-                 [f"{describe(obj, ())} {relation} {describe(anchor, w)}"
-                  for anchor in objects for relation in RELATIONS for w in (("colour",), ("size", "colour"))],
-                 [f"the {'larger' if obj['size'] == 'large' else 'smaller'} of the two {obj['colour']} shapes"]]
-    kinds = [[t for t in texts if objects_matching(t, objects) == [target]] for texts in kinds]
-    kinds = [texts for texts in kinds if texts]
-    return rng.choice(rng.choice(kinds)) if kinds else None
+        texts = {"attribute": [describe(obj, w) for w in ((), ("colour",), ("size",), ("size", "colour"))],
+                 "relation": [f"{describe(obj, ())} {relation} {describe(anchor, w)}"
+                              for anchor in objects for relation in RELATIONS for w in (("colour",), ("size", "colour"))],
+                 "comparative": [f"the {'larger' if obj['size'] == 'large' else 'smaller'} of the two {obj['colour']} shapes"]}
+    choices = [[t for t in group if objects_matching(t, objects) == [target]] for kind, group in texts.items()
+               if kinds is None or kind in kinds]
+    choices = [group for group in choices if group]
+    return rng.choice(rng.choice(choices)) if choices else None
 
 
 class SyntheticRefDataset(torch.utils.data.Dataset):
     """Generated scenes of shapes with distractors; sample i is a pure function of (seed, i)."""
 
     def __init__(self, num_samples=10_000, image_size=(192, 192), seed=0, video_fraction=0.25, num_frames=5,
-                 max_exprs=3, twins=False):
+                 max_exprs=3, twins=False, kinds=None):
         self.num_samples, self.size, self.seed = num_samples, image_size, seed
         self.video_fraction, self.num_frames, self.max_exprs = video_fraction, num_frames, max_exprs
         self.twins = twins  # the distractor split: a small target beside a large twin (see twin_expression)
+        self.kinds = kinds  # expression kinds allowed (None = all), see pick_expression
 
     def __len__(self):
         return self.num_samples
@@ -225,7 +230,7 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
         rng.shuffle(order)
         exprs, targets = [], []
         for i in order:
-            text = pick_expression(objects, i, rng, video)
+            text = pick_expression(objects, i, rng, video, self.kinds)
             if text and len(exprs) < self.max_exprs:
                 exprs.append(text)
                 targets.append(i)

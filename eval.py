@@ -516,6 +516,15 @@ def summarize(rows, is_video):
     return meter.result()
 
 
+def format_metrics(metrics):
+    """One printable line: 'name value | ...', floats to 2 decimals, nested results (by_kind) in brackets."""
+    def value(v):
+        if isinstance(v, dict):
+            return "(" + ", ".join(f"{k} {value(x)}" for k, x in v.items()) + ")"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    return " | ".join(f"{k} {value(v)}" for k, v in metrics.items())
+
+
 def by_kind(rows, is_video):
     """The metrics of each kind of generated expression (attribute / relation / comparative / motion)."""
     kinds = [data.expression_kind(r["expr"]) for r in rows]
@@ -694,7 +703,7 @@ def main(argv=None):
         json.dump(metrics, f, indent=2)
     with open(os.path.join(args.out_dir, "speed.json"), "w") as f:  # apart: metrics.json is the same on every re-run
         json.dump(speed, f, indent=2)
-    print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in {**metrics, **speed}.items()))
+    print(format_metrics({**metrics, **speed}))
     print(f"wrote {os.path.join(args.out_dir, 'metrics.json')} and speed.json")
     if submission is not None:
         print(f"{args.split} has no ground truth: wrote {metrics['submission']} ({len(rows)} expressions); score it with {metrics['scored_by']}")

@@ -12,13 +12,19 @@ import torch.nn.functional as F
 
 @dataclass
 class LossConfig:
-    w_bce: float = 2.0  # weight of the BCE loss (Sa2VA's; w_bce = w_dice = 1 is the paper's literal Eq. 5)
-    w_dice: float = 0.5  # weight of the Dice loss
+    w_bce: float = 2.0  # weight of the BCE loss: 2.0 (Sa2VA's) with --init; train.py uses 1.0 from scratch (Eq. 5 as printed)
+    w_dice: float = 0.5  # weight of the Dice loss: 0.5 (Sa2VA's) with --init; train.py uses 1.0 from scratch (Eq. 5 as printed)
     lambda_tmc: float = 0.1  # weight of the text-mask contrastive loss (Eq. 3); 0 = off
     lambda_bound: float = 0.05  # weight of the Sobel boundary loss (Eq. 4); 0 = off
     tau_tmc: float = 0.15  # temperature of the TMC loss (the authors' code)
     ramp_frac: float = 0.05  # auxiliary losses and gamma rise 0 -> 1 over this fraction of steps
     point_sampling: bool = False  # Sa2VA: BCE/Dice on 12,544 uncertainty-sampled points
+
+
+# From scratch (no --init) train.py weighs BCE and Dice 1:1, as Eq. 5 is printed: with Sa2VA's 2.0/0.5 a
+# random decoder settles on empty masks (the background is most of every mask), with 1:1 on "every shape",
+# from where it learns to pick the target.
+FROM_SCRATCH_WEIGHTS = {"w_bce": 1.0, "w_dice": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------

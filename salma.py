@@ -481,6 +481,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def qwen2_init(module, std=0.02):
+    """Qwen2's own initialisation (transformers' Qwen2PreTrainedModel._init_weights, initializer_range
+    0.02): N(0, 0.02) weights for every Linear and Embedding, zero biases. From scratch this keeps a
+    token's embedding from drowning the context its hidden state gathers (PyTorch's N(0, 1) embeddings
+    make every [SEG] hidden state nearly the same vector)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class Qwen2(nn.Module):
     """Qwen2 decoder-only LM: RMSNorm, RoPE, GQA via SDPA, SwiGLU; KV cache as a list of dicts."""
 
@@ -493,6 +504,8 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(cfg.llm_hidden, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.apply(qwen2_init)
+
 
     def forward(self, embeds, attention_mask=None, cache=None, output_hidden_states=False):
         """embeds (B, L, D), attention_mask (B, L_past + L) bool -> logits (B, L, V), hidden states."""
@@ -919,6 +932,11 @@ class SALMA(nn.Module):
         self.grounding = SAM2Grounding(cfg)
         d = self.grounding.width
         self.text_hidden_fcs = nn.Sequential(nn.Linear(cfg.llm_hidden, cfg.llm_hidden), nn.ReLU(), nn.Linear(cfg.llm_hidden, d), nn.Dropout(0.0))
+        # From scratch, z_seg starts at the scale of SAM-2's other prompt tokens (N(0, 1) per channel, as sam2
+        # initialises its point and mask-token embeddings): on the RMS-normed last hidden state, fcs[0]'s default
+        # init and the ReLU leave a second moment of 1/6 per channel, so fcs[2] gets std sqrt(6 / fan_in). With
+        # nn.Linear's default, |z_seg| is ~4x smaller than its neighbours and the decoder learns to ignore it.
+        nn.init.normal_(self.text_hidden_fcs[2].weight, std=(6 / cfg.llm_hidden) ** 0.5)
         self.mba_layers = resolve_mba_layers(cfg.mba_layers, cfg.llm_layers)
         self.mba = nn.ModuleList(MaskBiasedAttention(cfg, d) for _ in self.mba_layers) if cfg.mba else nn.ModuleList()
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -40,11 +41,11 @@ class TrainConfig:
     sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
     data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
     data_root: str = ""  # "" = generated synthetic data
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 1800  # optimizer steps
     batch_size: int = 2  # per device
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 8192  # tokens per sample (Sa2VA's); longer conversations are cut at a turn boundary (counted)
-    lr: float = 0.0  # 0 = auto: 4e-5 (the recipe) with --init, 1e-3 from scratch
+    lr: float = 0.0  # 0 = auto: 4e-5 (the recipe) with --init, 3e-4 from scratch (1e-3 leaves the tiny decoder at "every shape")
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.05  # AdamW weight decay (matrices only)
     warmup_frac: float = 0.05  # linear lr warm-up over this fraction of max_steps
@@ -78,10 +79,16 @@ def parse_args(argv=None):
     if train_cfg.recipe == "auto":
         train_cfg.recipe = "sa2va" if train_cfg.init else "full"
     if train_cfg.lr == 0:
-        train_cfg.lr = 4e-5 if train_cfg.init else 1e-3
+        train_cfg.lr = 4e-5 if train_cfg.init else 3e-4
+    loss_cfg = salma.dataclass_from_args(losses.LossConfig, args)
+    if not train_cfg.init:  # from scratch: the paper's Eq. 5 weights, unless given on the command line
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+        for name, value in losses.FROM_SCRATCH_WEIGHTS.items():
+            if f"--{name}" not in given:
+                setattr(loss_cfg, name, value)
     overrides = salma.preset_overrides(args)
     check_flags(train_cfg, args.preset, overrides)
-    return train_cfg, salma.dataclass_from_args(losses.LossConfig, args), args.preset, overrides
+    return train_cfg, loss_cfg, args.preset, overrides
 
 
 def check_flags(cfg, preset, overrides):

@@ -355,3 +355,17 @@ def test_bad_checkpoints_images_and_flags_give_one_line(trained, tmp_path):
     assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}"), image.name, "not found")
     assert_one_line_error(run_eval("--split=nonsense"), "--split")
     assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'nowhere'}"), "nowhere")
+
+
+def test_ablate_writes_table_2_with_every_configuration_and_the_distractor_split(tmp_path):
+    """ablate.py at a toy budget: every configuration of Table 2 is trained, scored on both generated splits,
+    and written to results.json, table.md and chart.png (the numbers themselves are in the README)."""
+    out = tmp_path / "ablate"
+    subprocess.run([sys.executable, os.path.join(ROOT, "ablate.py"), "--seeds=1", "--max_steps=2", "--num_samples=2",
+                    f"--out_dir={out}"], cwd=ROOT, check=True, capture_output=True)
+    results = json.load(open(out / "results.json"))["per_seed"]
+    assert list(results) == ["baseline", "+MBA", "+MBA+TMC", "+MBA+TMC+Bound", "full, MBA off at eval"]
+    assert all(0 <= s["all"] <= 100 and 0 <= s["distractor"] <= 100 for runs in results.values() for s in runs)
+    table = open(out / "table.md").read().splitlines()
+    assert "cIoU distractor split" in table[0] and len(table) == 2 + len(results)
+    assert (out / "chart.png").stat().st_size > 10_000
