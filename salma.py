@@ -759,6 +759,7 @@ class SAM2Grounding(nn.Module):
         self.sam2_model = build_sam2(cfg)
         self.width = self.sam2_model.hidden_dim  # 256 real, 64 tiny
         self.multimask = cfg.sam_multimask
+        self.sam2_model.multimask_output_in_sam = cfg.sam_multimask  # sam2's own track_step makes the same choice
 
     def encode_image(self, images):
         """images (B, 3, S, S) -> dict(image_embed F_v (B, C, h, w) with no_mem_embed, high_res_feats, ...)."""

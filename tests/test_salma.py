@@ -275,9 +275,10 @@ def tracked_logits(model, tok, frames):
 
 
 @pytest.mark.parametrize("object_score", [20.0, -20.0])
+@pytest.mark.parametrize("multimask", [True, False])
 @torch.no_grad()
-def test_video_tracking_equals_sam2_track_step_without_its_no_object_overwrite(object_score):
-    model, tok = tiny_model(mba=False)
+def test_video_tracking_equals_sam2_track_step_without_its_no_object_overwrite(object_score, multimask):
+    model, tok = tiny_model(mba=False, sam_multimask=multimask)
     model.grounding.sam2_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(object_score)
     frames = [scene(shift=2 * t)[0] for t in range(8)]
     ours, z_seg = tracked_logits(model, tok, frames)
