@@ -758,8 +758,7 @@ class SAM2Grounding(nn.Module):
         super().__init__()
         self.sam2_model = build_sam2(cfg)
         self.width = self.sam2_model.hidden_dim  # 256 real, 64 tiny
-        self.multimask = cfg.sam_multimask
-        self.sam2_model.multimask_output_in_sam = cfg.sam_multimask  # sam2's own track_step makes the same choice
+        self.sam2_model.multimask_output_in_sam = cfg.sam_multimask  # read by decode_heads and by sam2's own track_step
 
     def encode_image(self, images):
         """images (B, 3, S, S) -> dict(image_embed F_v (B, C, h, w) with no_mem_embed, high_res_feats, ...)."""
@@ -788,7 +787,7 @@ class SAM2Grounding(nn.Module):
             sparse = torch.cat([sparse, seg_embed[:, None].to(sparse.dtype)], dim=1)  # (B, 3, C)
         masks, iou, tokens, object_score = sam.sam_mask_decoder(
             image_embeddings=image_embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=self.multimask,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=sam.multimask_output_in_sam,
             repeat_image=False, high_res_features=high_res_feats)  # (B, M, 4h, 4w), (B, M), (B, M', C), (B, 1); M = 3 or 1
         rows, best = torch.arange(b, device=masks.device), iou.argmax(dim=1)
         token = tokens[rows, best] if tokens.shape[1] > 1 else tokens[:, 0]  # one token unless SAM-2 keeps all
@@ -896,7 +895,7 @@ def check_config(cfg):
     """One clear error for model settings that cannot build a model (before any weight is made)."""
     if cfg.topk < 1:
         raise ValueError(f"--topk={cfg.topk}: MBA keeps at least one prompt word; use --topk >= 1")
-    if cfg.mba_mode not in ("gate", "film") or cfg.tmc_source not in ("post", "pre"):
+    if cfg.mba_mode not in FLAG_CHOICES["mba_mode"] or cfg.tmc_source not in FLAG_CHOICES["tmc_source"]:
         raise ValueError(f"--mba_mode={cfg.mba_mode!r} / --tmc_source={cfg.tmc_source!r}: expected gate|film / post|pre")
     if cfg.tau_gate <= 0:
         raise ValueError(f"--tau_gate={cfg.tau_gate}: must be > 0")
