@@ -2,7 +2,7 @@
 Table 2 on the generated testbed: train and evaluate each configuration with several seeds.
 
   python ablate.py                                  # reduced budget (see --help), results in ablate_out/
-  python ablate.py --max_steps=1500 --num_samples=100 --out_dir=ablate_long
+  python ablate.py --max_steps=3000 --num_samples=100 --out_dir=ablate_long
 
 Configurations (paper Table 2): baseline (Sa2VA: --mba=False, no TMC, no boundary loss), +MBA,
 +MBA+TMC, +MBA+TMC+Bound, and the full model's weights evaluated with MBA switched off.
@@ -37,8 +37,9 @@ def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    p.add_argument("--max_steps", type=int, default=120, help="training steps per run (default 120: the reduced budget)")
-    p.add_argument("--num_samples", type=int, default=20, help="generated val images scored per run (default 20)")
+    p.add_argument("--max_steps", type=int, default=1200, help="training steps per run (default 1200: the reduced budget, past the "
+                   "~450 steps after which the tiny model starts to choose targets; README gives the time)")
+    p.add_argument("--num_samples", type=int, default=50, help="generated val images scored per run (default 50, as eval.py)")
     p.add_argument("--out_dir", default="ablate_out", help="where runs, results.json, table.md and chart.png go")
     p.add_argument("--data", default="synthetic_images:1", help="train.py --data (default: generated images; the val split has no videos)")
     p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel, one process each (default 2 = 2 cores)")

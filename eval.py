@@ -616,8 +616,8 @@ def parse_args(argv=None):
                    help="generation stops at <|im_end|> or after this many tokens (default 2048, as Sa2VA)")
     p.add_argument("--visualize", type=int, default=0, help="write figure PNGs (image | SALMA | gate G | MBA attention | baseline | ground truth) for the first N image items and stop")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="precision (default auto: bf16 on CUDA and on CPUs with native bf16 matmuls, AVX-512 BF16 or AMX; "
-                        "fp32 on other CPUs, where bf16 is slower). bf16 puts the MLLM's weights in bf16 and runs "
+                   help="precision (default auto: bf16 on CUDA, and on CPUs with native bf16 matmuls (AVX-512 BF16 or AMX) for the 1B presets; "
+                        "fp32 otherwise: tiny matmuls and CPUs without bf16 units are slower in bf16). bf16 puts the MLLM's weights in bf16 and runs "
                         "SAM-2 and MBA under bf16 autocast with fp32 weights")
     p.add_argument("--bert_dir", default="", help="gcg: a local bert-base-uncased directory for the phrase similarity of recall "
                    "(GLaMM's); '' = recall not computed")
@@ -660,7 +660,8 @@ def main(argv=None):
     if not args.ckpt and not args.dataset.startswith("synthetic"):
         raise SystemExit(f"eval.py: --ckpt is required for {args.dataset}: {DOWNLOAD_HINTS['ckpt']}.")
     overrides = {} if args.mba is None else {"mba": args.mba}
-    model, tok = load_model(args.ckpt, args.preset, device, salma.resolve_dtype(args.dtype, device), **overrides)
+    model, tok = load_model(args.ckpt, args.preset, device, **overrides)
+    model.set_precision(salma.resolve_dtype(args.dtype, device, model.cfg))
     if device.type == "cpu":
         salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)

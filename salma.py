@@ -157,11 +157,20 @@ def cpu_has_native_bf16():
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(choice, device):
-    """'auto' -> bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32; or 'float32' / 'bfloat16'."""
+BF16_CPU_MIN_WIDTH = 512  # auto: on a CPU, bf16 only pays when the matmuls are wide (see resolve_dtype)
+
+
+def resolve_dtype(choice, device, cfg):
+    """'auto' -> bf16 on CUDA, and on CPUs with native bf16 matmuls for a model whose LLM is at least
+    BF16_CPU_MIN_WIDTH wide (the 1B presets); else fp32. Or 'float32' / 'bfloat16'.
+
+    Measured on an AVX-512 BF16 CPU: a tiny-preset training step (64-128 wide matmuls) is 1.3x slower
+    in bf16 than in fp32, while 1024-wide bf16 matmuls run ~2.6x faster than fp32 ones.
+    """
     if choice == "auto":
-        native = torch.device(device).type == "cuda" or cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() and cfg.llm_hidden >= BF16_CPU_MIN_WIDTH else torch.float32
     if choice not in DTYPES:
         raise ValueError(f"--dtype={choice!r}: expected auto, float32 or bfloat16")
     return DTYPES[choice]
@@ -1338,7 +1347,7 @@ def load_internvl(model_dir, dtype=None, device="cpu"):
         model = InternVL(cfg, ids[IMG_CONTEXT])
     ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(model_dir).items()}
     finish_load(model, ours, model_dir, prefix="mllm.")  # a bare InternVL is SALMA's .mllm
-    return model.to(device, dtype or resolve_dtype("auto", device)).eval(), tok
+    return model.to(device, dtype or resolve_dtype("auto", device, cfg)).eval(), tok
 
 
 EMBED_KEY, HEAD_KEY = "mllm.language_model.embed_tokens.weight", "mllm.language_model.lm_head.weight"

@@ -59,7 +59,7 @@ class TrainConfig:
     save_every: int = 100  # checkpoint interval in steps (and at the last step)
     resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimizer, data position, RNG)
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
-    dtype: str = "auto"  # autocast precision, weights stay fp32: auto = bf16 on CUDA and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), float32 on other CPUs (bf16 is slower there)
+    dtype: str = "auto"  # autocast precision, weights stay fp32: auto = bf16 on CUDA, and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX) for the 1B presets; float32 otherwise (tiny matmuls and CPUs without bf16 units are slower in bf16)
     export: str = ""  # write the model of out_dir/ckpt.pt in the official layout here and exit
 
 
@@ -276,7 +276,7 @@ def main(argv=None):
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
-    autocast = salma.autocast_for(salma.resolve_dtype(train_cfg.dtype, device), device)  # weights stay fp32
+    autocast = salma.autocast_for(salma.resolve_dtype(train_cfg.dtype, device, model_cfg), device)  # weights stay fp32
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg)
     log_path = os.path.join(train_cfg.out_dir, "log.jsonl")

@@ -396,3 +396,14 @@ def test_a_training_step_under_bf16_autocast_matches_fp32():
     (loss32, grad32, _), (loss16, grad16, low_dtype) = results
     assert low_dtype == torch.bfloat16 and torch.isfinite(grad16).all()
     assert abs(loss16 - loss32) < 0.02 * abs(loss32) and correlation(grad16, grad32) > 0.95
+
+
+def test_auto_precision_is_fp32_for_tiny_models_on_cpu_and_bf16_on_cuda(monkeypatch):
+    """--dtype auto: bf16 on CUDA; on a CPU with native bf16 units only for the 1B-wide models (a tiny step is slower in bf16)."""
+    tiny, wide = salma.Config.from_preset("tiny"), salma.Config.from_preset("sa2va-1b")
+    assert salma.resolve_dtype("auto", "cuda", tiny) == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(salma, "cpu_has_native_bf16", lambda: native)
+        assert salma.resolve_dtype("auto", "cpu", tiny) == torch.float32
+        assert salma.resolve_dtype("auto", "cpu", wide) == (torch.bfloat16 if native else torch.float32)
+    assert salma.resolve_dtype("bfloat16", "cpu", tiny) == torch.bfloat16
