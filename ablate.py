@@ -59,20 +59,25 @@ def run(cmd, log_path, threads):
         raise SystemExit(f"ablate.py: {' '.join(cmd[:1])} failed (exit {proc.returncode}); see {log_path}")
 
 
-def train_and_eval(name, seed, args):
-    """Train (once per trained configuration and seed) and evaluate; returns eval.py's metrics dict."""
-    train_flags, eval_flags, weights = CONFIGS[name]
-    run_dir = os.path.join(args.out_dir, "runs", f"{weights}_seed{seed}")
-    if train_flags is not None and not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
-        run(["train.py", *train_flags, f"--max_steps={args.max_steps}", f"--data={args.data}", f"--seed={seed}", f"--out_dir={run_dir}"], run_dir + "_train.log", args.threads)
+def evaluate(name, seed, run_dir, args):
+    """Score one configuration's weights on the val and distractor splits; returns {dataset: eval.py metrics}."""
     metrics = {}
     for dataset in ("synthetic", "synthetic_distractor"):
         eval_dir = os.path.join(args.out_dir, "eval", f"{name}_seed{seed}_{dataset}".replace(" ", "_").replace(",", ""))
-        run(["eval.py", "--ckpt", run_dir, *eval_flags, "--dataset", dataset, "--num_samples", str(args.num_samples), "--quiet",
-             "--force_seg=True", "--out_dir", eval_dir], eval_dir + ".log", args.threads)
+        run(["eval.py", "--ckpt", run_dir, *CONFIGS[name][1], "--dataset", dataset, "--num_samples", str(args.num_samples),
+             "--quiet", "--force_seg=True", "--out_dir", eval_dir], eval_dir + ".log", args.threads)
         with open(os.path.join(eval_dir, "metrics.json")) as f:
             metrics[dataset] = json.load(f)
     return metrics
+
+
+def train_and_evaluate(weights, seed, args):
+    """Train one set of weights (unless its checkpoint exists) and score every configuration that uses them."""
+    run_dir = os.path.join(args.out_dir, "runs", f"{weights}_seed{seed}")
+    if not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+        run(["train.py", *CONFIGS[weights][0], f"--max_steps={args.max_steps}", f"--data={args.data}", f"--seed={seed}",
+             f"--out_dir={run_dir}"], run_dir + "_train.log", args.threads)
+    return {name: scores(evaluate(name, seed, run_dir, args)) for name, c in CONFIGS.items() if c[2] == weights}
 
 
 def scores(metrics):
@@ -131,19 +136,20 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     os.makedirs(os.path.join(args.out_dir, "eval"), exist_ok=True)
-    bar = tqdm(total=args.seeds * len(CONFIGS), desc="ablate", unit="run")
+    trainings = [(weights, seed) for seed in range(args.seeds) for weights, c in CONFIGS.items() if c[0] is not None]
+    bar = tqdm(total=len(trainings), desc="ablate", unit="training")
 
-    def one_seed(seed):  # configurations in CONFIGS order: the full model trains before its MBA-off evaluation
-        out = {}
-        for name in CONFIGS:
-            out[name] = scores(train_and_eval(name, seed, args))
-            bar.update(1)
-        return out
+    def one_training(job):  # every training is independent, so the jobs keep all cores busy to the end
+        out = train_and_evaluate(*job, args)
+        bar.update(1)
+        return job[1], out
 
+    per_seed = [{} for _ in range(args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
-        per_seed = list(pool.map(one_seed, range(args.seeds)))
+        for seed, out in pool.map(one_training, trainings):
+            per_seed[seed].update(out)
     bar.close()
-    results = {name: [s[name] for s in per_seed] for name in CONFIGS}
+    results = {name: [scores_of_seed[name] for scores_of_seed in per_seed] for name in CONFIGS}
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"flags": vars(args), "configs": {n: {"train": c[0], "eval": c[1]} for n, c in CONFIGS.items()},
                    "per_seed": results}, f, indent=2)
