@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="ablate_out", help="where runs, results.json, table.md and chart.png go")
     p.add_argument("--data", default="synthetic:1", help="train.py --data (default: train.py's generated mix, a quarter of it videos; "
                    "images alone stayed on 'every shape' for 2400 steps)")
-    p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel, one process each (default 2 = 2 cores)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run in parallel, one process each (default 2 = 2 cores)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process (default 1)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.num_samples < 1 or args.max_steps < 1:
