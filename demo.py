@@ -217,8 +217,7 @@ def main(argv=None):
         else:
             names, frames = read_video(args.video)
         overrides = {} if args.mba is None else {"mba": args.mba}
-        model, tok = ev.load_model(args.ckpt, args.preset, device, **overrides)
-        model.set_precision(salma.resolve_dtype(args.dtype, device, model.cfg))
+        model, tok = ev.load_model(args.ckpt, args.preset, device, args.dtype, **overrides)
         if device.type == "cpu":
             salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
         with torch.inference_mode():

@@ -296,18 +296,17 @@ def caption_scores(references, predictions):
 # loading a model to evaluate
 
 
-def load_model(ckpt, preset="tiny", device="cpu", dtype=torch.float32, **overrides):
-    """(model, tokenizer) in eval mode from an official-layout directory or a train.py out_dir; "" = random tiny."""
-    if not ckpt:
-        model, tok = salma.build_salma(salma.Config.from_preset(preset), device=device, dtype=dtype, **overrides)
-        return model.eval(), tok
-    if not os.path.isdir(ckpt):
+def load_model(ckpt, preset="tiny", device="cpu", dtype="float32", **overrides):
+    """(model, tokenizer) in eval mode from an official-layout directory or a train.py out_dir; "" = random tiny.
+
+    dtype: a --dtype choice (auto, float32, bfloat16), resolved for the loaded model's config."""
+    if ckpt and not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt}: not a directory (an official Sa2VA/SALMA directory or a train.py --out_dir)")
-    if not os.path.isfile(os.path.join(ckpt, "ckpt.pt")):
-        model, tok = salma.build_salma(salma.Config.from_preset(preset), init=ckpt, device=device, dtype=dtype, **overrides)
-        return model.eval(), tok
-    model, tok, _ = salma.load_trained(ckpt, **overrides)
-    return model.to(device).set_precision(dtype).eval(), tok
+    if ckpt and os.path.isfile(os.path.join(ckpt, "ckpt.pt")):
+        model, tok, _ = salma.load_trained(ckpt, **overrides)
+    else:
+        model, tok = salma.build_salma(salma.Config.from_preset(preset), init=ckpt, device=device, **overrides)
+    return model.to(device).set_precision(salma.resolve_dtype(dtype, device, model.cfg)).eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,8 +659,7 @@ def main(argv=None):
     if not args.ckpt and not args.dataset.startswith("synthetic"):
         raise SystemExit(f"eval.py: --ckpt is required for {args.dataset}: {DOWNLOAD_HINTS['ckpt']}.")
     overrides = {} if args.mba is None else {"mba": args.mba}
-    model, tok = load_model(args.ckpt, args.preset, device, **overrides)
-    model.set_precision(salma.resolve_dtype(args.dtype, device, model.cfg))
+    model, tok = load_model(args.ckpt, args.preset, device, args.dtype, **overrides)
     if device.type == "cpu":
         salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)
