@@ -1,0 +1,128 @@
+"""
+Where does a trained model lose the target? A linear probe of z_seg, the [SEG] prompt the LLM hands to SAM-2.
+
+  python probe.py --ckpt out/tiny              # colour / shape / size of the target read from z_seg, per expression kind
+
+On generated scenes (a split of their own, seed 20000), the answer "Sure, [SEG]." is teacher-forced for
+every expression and z_seg recorded. One logistic regression per attribute of the target (colour, shape,
+size) is fit on 70% of the expressions and scored on the other 30%, per expression kind, next to the
+majority-class rate of that kind. Reading it: an attribute told apart well where cIoU stays low points at
+SAM-2 (its image encoder or decoder); an attribute at the majority rate means the LLM did not resolve
+which object is meant. Writes OUT_DIR/probe.json and prints a table.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import eval as ev
+
+ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES)}
+KINDS = ("attribute", "relation", "comparative")
+PROBE_SEED = 20_000  # scene seed: apart from training (train.py's --seed) and eval.py's val split (10000)
+
+
+def parse_args(argv=None):
+    """Parse the probe's flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="", help="train.py --out_dir or official-layout directory ('' = a random tiny model)")
+    p.add_argument("--num_samples", type=int, default=300, help="generated scenes to probe (3 expressions each at most)")
+    p.add_argument("--train_frac", type=float, default=0.7, help="fraction of the expressions the regressions are fit on")
+    p.add_argument("--steps", type=int, default=500, help="full-batch Adam steps per logistic regression")
+    p.add_argument("--out_dir", default="probe_out", help="where probe.json goes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.num_samples < 2 or not 0 < args.train_frac < 1 or args.steps < 1:
+        raise ValueError(f"--num_samples={args.num_samples} / --train_frac={args.train_frac} / --steps={args.steps}: "
+                         "need at least 2 scenes, 0 < train_frac < 1 and at least 1 step")
+    return args
+
+
+@torch.inference_mode()
+def collect(model, tokenizer, dataset, quiet=False):
+    """z_seg (N, C), target attribute labels (N, 3) in ATTRIBUTES order, and kinds (N,) of every image expression."""
+    z_segs, labels, kinds = [], [], []
+    for i in tqdm(range(len(dataset)), desc="probe", disable=quiet, unit="img"):
+        sample = dataset[i]
+        for expr, target in zip(sample["exprs"], sample["targets"]):
+            _, z_seg, _, _ = model.answer(sample["frames"], expr, tokenizer, force_seg=True)
+            obj = sample["objects"][target]
+            z_segs.append(z_seg[0].float().numpy())
+            labels.append([values.index(obj[name]) for name, values in ATTRIBUTES.items()])
+            kinds.append(data.expression_kind(expr))
+    return torch.from_numpy(np.stack(z_segs)), torch.tensor(labels), np.array(kinds)  # plain tensors: the regressions need grad
+
+
+def probe_accuracy(features, labels, is_train, is_test, steps=500, seed=0):
+    """Accuracy on is_test of a logistic regression fit on is_train (features standardised on is_train)."""
+    mean, std = features[is_train].mean(0), features[is_train].std(0) + 1e-6
+    x = (features - mean) / std  # (N, C)
+    torch.manual_seed(seed)
+    classifier = torch.nn.Linear(x.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(classifier(x[is_train]), labels[is_train]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (classifier(x[is_test]).argmax(1) == labels[is_test]).float().mean().item()
+
+
+def majority_rate(labels):
+    """Share of the most frequent class: what a probe that ignores its input scores."""
+    return torch.bincount(labels).max().item() / len(labels)
+
+
+def probe_table(features, labels, kinds, train_frac=0.7, steps=500):
+    """{kind: {N, attribute: {accuracy, majority}}} on the held-out expressions of each kind."""
+    n = len(labels)
+    is_train = torch.arange(n) < int(train_frac * n)
+    table = {}
+    for kind in KINDS:
+        is_test = ~is_train & torch.from_numpy(kinds == kind)
+        if not is_test.any():
+            continue
+        table[kind] = {"N": int(is_test.sum())}
+        for a, name in enumerate(ATTRIBUTES):
+            y = labels[:, a]
+            table[kind][name] = {"accuracy": round(100 * probe_accuracy(features, y, is_train, is_test, steps), 1),
+                                 "majority": round(100 * majority_rate(y[is_test]), 1)}
+    return table
+
+
+def format_table(table):
+    """Markdown: one row per kind, 'accuracy (majority)' per attribute, in %."""
+    lines = ["| kind | N | " + " | ".join(ATTRIBUTES) + " |", "| --- | --- |" + " --- |" * len(ATTRIBUTES)]
+    for kind, row in table.items():
+        cells = [f"{row[name]['accuracy']:.1f} ({row[name]['majority']:.1f})" for name in ATTRIBUTES]
+        lines.append(f"| {kind} | {row['N']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Probe --ckpt's z_seg; print the table and write probe.json."""
+    args = parse_args(argv)
+    model, tokenizer = ev.load_model(args.ckpt)
+    dataset = data.SyntheticRefDataset(args.num_samples, seed=PROBE_SEED, video_fraction=0.0)
+    features, labels, kinds = collect(model, tokenizer, dataset, args.quiet)
+    table = probe_table(features, labels, kinds, args.train_frac, args.steps)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "probe.json")
+    with open(path, "w") as f:
+        json.dump({"ckpt": args.ckpt, "num_samples": args.num_samples, "expressions": len(labels), "by_kind": table}, f, indent=2)
+    print("z_seg linear probe: held-out accuracy % (majority-class rate %)")
+    print(format_table(table))
+    print(f"wrote {path}")
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad flags or checkpoints: one line, no traceback
+        raise SystemExit(f"probe.py: {e}") from None

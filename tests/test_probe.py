@@ -1,0 +1,56 @@
+"""probe.py: the linear probe reads a linear code and not noise; the command writes its table and fails in one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import probe
+from test_eval import assert_one_line_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_probe_accuracy_reads_a_linear_code_and_stays_at_chance_on_noise():
+    """Features that hold the label (one-hot plus noise) are read back; features independent of it are not."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (600,))
+    noise = torch.randn(600, 16)
+    coded = torch.cat([3 * torch.nn.functional.one_hot(labels, 3).float(), noise], dim=1)
+    is_train = torch.arange(600) < 400
+    assert probe.probe_accuracy(coded, labels, is_train, ~is_train) > 0.95
+    chance = probe.majority_rate(labels[~is_train])
+    assert probe.probe_accuracy(noise, labels, is_train, ~is_train) < chance + 0.12
+
+
+def test_probe_table_scores_each_kind_on_held_out_expressions_only():
+    """A kind whose only expressions are in the fitted part is left out; the majority rate is that of the held-out ones."""
+    labels = torch.tensor([[0, 0, 0], [1, 1, 1]] * 10)
+    kinds = np.array(["attribute"] * 14 + ["relation"] * 6)
+    features = torch.nn.functional.one_hot(labels[:, 0], 2).float()
+    table = probe.probe_table(features, labels, kinds, train_frac=0.7, steps=200)
+    assert list(table) == ["relation"] and table["relation"]["N"] == 6
+    assert table["relation"]["colour"] == {"accuracy": 100.0, "majority": 50.0}
+
+
+def run_probe(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "--quiet", *flags], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
+    proc = run_probe("--num_samples=8", "--steps=50", f"--out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(tmp_path / "probe.json"))
+    assert result["expressions"] >= 8 and set(result["by_kind"]) <= set(probe.KINDS) and result["by_kind"]
+    for row in result["by_kind"].values():
+        for name in probe.ATTRIBUTES:
+            assert 0 <= row[name]["accuracy"] <= 100 and 0 < row[name]["majority"] <= 100
+    assert "| kind | N | colour | shape | size |" in proc.stdout
+    assert_one_line_error(run_probe("--ckpt=/nowhere"), "--ckpt", "/nowhere")
+    assert_one_line_error(run_probe("--train_frac=1.5"), "--train_frac")
+    help_text = run_probe("--help").stdout
+    assert all(f"--{flag}" in help_text for flag in ("ckpt", "num_samples", "train_frac", "steps", "out_dir"))
