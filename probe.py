@@ -1,14 +1,15 @@
 """
-Where does a trained model lose the target? A linear probe of z_seg, the [SEG] prompt the LLM hands to SAM-2.
+Where does a trained model lose the target? Linear probes of both sides of the [SEG] -> SAM-2 hand-over.
 
-  python probe.py --ckpt out/tiny              # colour / shape / size of the target read from z_seg, per expression kind
+  python probe.py --ckpt out/tiny              # the target's colour / shape / size read from z_seg and from F_v
 
-On generated scenes (a split of their own, seed 20000), the answer "Sure, [SEG]." is teacher-forced for
-every expression and z_seg recorded. One logistic regression per attribute of the target (colour, shape,
-size) is fit on 70% of the expressions and scored on the other 30%, per expression kind, next to the
-majority-class rate of that kind. Reading it: an attribute told apart well where cIoU stays low points at
-SAM-2 (its image encoder or decoder); an attribute at the majority rate means the LLM did not resolve
-which object is meant. Writes OUT_DIR/probe.json and prints a table.
+On generated scenes (a split of their own, seed 20000), for every expression the answer "Sure, [SEG]." is
+teacher-forced and two features recorded: z_seg, the prompt the LLM hands to SAM-2, and F_v at the target,
+SAM-2's image embedding averaged over the target's mask (what the decoder has to find). One logistic
+regression per attribute of the target (colour, shape, size) and per feature is fit on 70% of the
+expressions and scored on the other 30%, per expression kind, next to the majority-class rate. Reading it:
+an attribute F_v does not tell apart cannot be segmented by it; an attribute z_seg does not carry (at the
+majority rate) means the LLM did not resolve which object is meant. Writes OUT_DIR/probe.json and a table.
 """
 
 import argparse
@@ -21,6 +22,8 @@ from tqdm import tqdm
 
 import data
 import eval as ev
+import losses
+import salma
 
 ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES)}
 KINDS = ("attribute", "relation", "comparative")
@@ -44,18 +47,31 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
+def target_features(model, frame, masks):
+    """F_v at each target: SAM-2's image embedding (1, C, h, w) averaged over each mask of masks (E, H, W) -> (E, C)."""
+    pixels = salma.sam_pixels([frame], model.cfg.sam_image_size).to(model.device)
+    image_embed = model.grounding.encode_image(pixels)["image_embed"].float()
+    pooled, _ = losses.pool_mask_features(image_embed.expand(len(masks), -1, -1, -1), masks)
+    return pooled
+
+
+@torch.inference_mode()
 def collect(model, tokenizer, dataset, quiet=False):
-    """z_seg (N, C), target attribute labels (N, 3) in ATTRIBUTES order, and kinds (N,) of every image expression."""
-    z_segs, labels, kinds = [], [], []
+    """Features {z_seg, F_v at the target} (N, C) each, target attribute labels (N, 3) in ATTRIBUTES order,
+    and kinds (N,) of every image expression."""
+    z_segs, f_vs, labels, kinds = [], [], [], []
     for i in tqdm(range(len(dataset)), desc="probe", disable=quiet, unit="img"):
         sample = dataset[i]
+        f_vs.append(target_features(model, sample["frames"][0], sample["masks"][:, 0]).numpy())
         for expr, target in zip(sample["exprs"], sample["targets"]):
             _, z_seg, _, _ = model.answer(sample["frames"], expr, tokenizer, force_seg=True)
             obj = sample["objects"][target]
             z_segs.append(z_seg[0].float().numpy())
             labels.append([values.index(obj[name]) for name, values in ATTRIBUTES.items()])
             kinds.append(data.expression_kind(expr))
-    return torch.from_numpy(np.stack(z_segs)), torch.tensor(labels), np.array(kinds)  # plain tensors: the regressions need grad
+    features = {"z_seg": np.stack(z_segs), "F_v at the target": np.concatenate(f_vs)}
+    features = {name: torch.from_numpy(f) for name, f in features.items()}  # plain tensors: the regressions need grad
+    return features, torch.tensor(labels), np.array(kinds)
 
 
 def probe_accuracy(features, labels, is_train, is_test, steps=500, seed=0):
@@ -79,34 +95,38 @@ def majority_rate(labels):
 
 
 def probe_table(features, labels, kinds, train_frac=0.7, steps=500):
-    """{kind: {N, attribute: {accuracy, majority}}} on the held-out expressions of each kind."""
+    """{feature name: {kind: {N, attribute: {accuracy, majority}}}} on the held-out expressions of each kind."""
     n = len(labels)
     is_train = torch.arange(n) < int(train_frac * n)
     table = {}
-    for kind in KINDS:
-        is_test = ~is_train & torch.from_numpy(kinds == kind)
-        if not is_test.any():
-            continue
-        table[kind] = {"N": int(is_test.sum())}
-        for a, name in enumerate(ATTRIBUTES):
-            y = labels[:, a]
-            table[kind][name] = {"accuracy": round(100 * probe_accuracy(features, y, is_train, is_test, steps), 1),
-                                 "majority": round(100 * majority_rate(y[is_test]), 1)}
+    for feature_name, feats in features.items():
+        table[feature_name] = {}
+        for kind in KINDS:
+            is_test = ~is_train & torch.from_numpy(kinds == kind)
+            if not is_test.any():
+                continue
+            row = table[feature_name][kind] = {"N": int(is_test.sum())}
+            for a, name in enumerate(ATTRIBUTES):
+                y = labels[:, a]
+                row[name] = {"accuracy": round(100 * probe_accuracy(feats, y, is_train, is_test, steps), 1),
+                             "majority": round(100 * majority_rate(y[is_test]), 1)}
     return table
 
 
 def format_table(table):
-    """Markdown: one row per kind, 'accuracy (majority)' per attribute, in %."""
-    lines = ["| kind | N | " + " | ".join(ATTRIBUTES) + " |", "| --- | --- |" + " --- |" * len(ATTRIBUTES)]
-    for kind, row in table.items():
-        cells = [f"{row[name]['accuracy']:.1f} ({row[name]['majority']:.1f})" for name in ATTRIBUTES]
-        lines.append(f"| {kind} | {row['N']} | " + " | ".join(cells) + " |")
+    """Markdown: one row per feature and kind, 'accuracy (majority)' per attribute, in %."""
+    lines = ["| feature | kind | N | " + " | ".join(ATTRIBUTES) + " |", "| --- | --- | --- |" + " --- |" * len(ATTRIBUTES)]
+    for feature_name, by_kind in table.items():
+        for kind, row in by_kind.items():
+            cells = [f"{row[name]['accuracy']:.1f} ({row[name]['majority']:.1f})" for name in ATTRIBUTES]
+            lines.append(f"| {feature_name} | {kind} | {row['N']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     """Probe --ckpt's z_seg; print the table and write probe.json."""
     args = parse_args(argv)
+    torch.manual_seed(0)  # --ckpt '' builds the same random model on every run
     model, tokenizer = ev.load_model(args.ckpt)
     dataset = data.SyntheticRefDataset(args.num_samples, seed=PROBE_SEED, video_fraction=0.0)
     features, labels, kinds = collect(model, tokenizer, dataset, args.quiet)
@@ -114,8 +134,8 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "probe.json")
     with open(path, "w") as f:
-        json.dump({"ckpt": args.ckpt, "num_samples": args.num_samples, "expressions": len(labels), "by_kind": table}, f, indent=2)
-    print("z_seg linear probe: held-out accuracy % (majority-class rate %)")
+        json.dump({"ckpt": args.ckpt, "num_samples": args.num_samples, "expressions": len(labels), "by_feature": table}, f, indent=2)
+    print("linear probes of the target's attributes: held-out accuracy % (majority-class rate %)")
     print(format_table(table))
     print(f"wrote {path}")
     return table

@@ -1,4 +1,4 @@
-"""probe.py: the linear probe reads a linear code and not noise; the command writes its table and fails in one line."""
+"""probe.py: the linear probe reads a linear code and not noise; F_v is pooled over the target; the command writes its table and fails in one line."""
 
 import json
 import os
@@ -31,7 +31,7 @@ def test_probe_table_scores_each_kind_on_held_out_expressions_only():
     labels = torch.tensor([[0, 0, 0], [1, 1, 1]] * 10)
     kinds = np.array(["attribute"] * 14 + ["relation"] * 6)
     features = torch.nn.functional.one_hot(labels[:, 0], 2).float()
-    table = probe.probe_table(features, labels, kinds, train_frac=0.7, steps=200)
+    table = probe.probe_table({"coded": features}, labels, kinds, train_frac=0.7, steps=200)["coded"]
     assert list(table) == ["relation"] and table["relation"]["N"] == 6
     assert table["relation"]["colour"] == {"accuracy": 100.0, "majority": 50.0}
 
@@ -45,12 +45,34 @@ def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
     proc = run_probe("--num_samples=8", "--steps=50", f"--out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(tmp_path / "probe.json"))
-    assert result["expressions"] >= 8 and set(result["by_kind"]) <= set(probe.KINDS) and result["by_kind"]
-    for row in result["by_kind"].values():
-        for name in probe.ATTRIBUTES:
-            assert 0 <= row[name]["accuracy"] <= 100 and 0 < row[name]["majority"] <= 100
-    assert "| kind | N | colour | shape | size |" in proc.stdout
+    assert result["expressions"] >= 8 and list(result["by_feature"]) == ["z_seg", "F_v at the target"]
+    for by_kind in result["by_feature"].values():
+        assert by_kind and set(by_kind) <= set(probe.KINDS)
+        for row in by_kind.values():
+            for name in probe.ATTRIBUTES:
+                assert 0 <= row[name]["accuracy"] <= 100 and 0 < row[name]["majority"] <= 100
+    assert "| feature | kind | N | colour | shape | size |" in proc.stdout
     assert_one_line_error(run_probe("--ckpt=/nowhere"), "--ckpt", "/nowhere")
     assert_one_line_error(run_probe("--train_frac=1.5"), "--train_frac")
     help_text = run_probe("--help").stdout
     assert all(f"--{flag}" in help_text for flag in ("ckpt", "num_samples", "train_frac", "steps", "out_dir"))
+
+
+def test_target_features_average_sams_image_embedding_over_each_mask():
+    """F_v at the target: the whole-image mask gives the embedding's mean, the left-half mask the mean of its left half."""
+    from PIL import Image
+
+    import eval as ev
+    import salma
+
+    model, _ = ev.load_model("")
+    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
+    masks = torch.zeros(2, 192, 192, dtype=torch.bool)
+    masks[0] = True
+    masks[1, :, :96] = True
+    pooled = probe.target_features(model, frame, masks)  # (2, C)
+    with torch.inference_mode():
+        embed = model.grounding.encode_image(salma.sam_pixels([frame], model.cfg.sam_image_size))["image_embed"][0]  # (C, h, w)
+    assert torch.allclose(pooled[0], embed.mean((1, 2)), atol=1e-5)
+    assert torch.allclose(pooled[1], embed[:, :, : embed.shape[2] // 2].mean((1, 2)), atol=1e-5)
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
