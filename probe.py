@@ -33,11 +33,11 @@ PROBE_SEED = 20_000  # scene seed: apart from training (train.py's --seed) and e
 def parse_args(argv=None):
     """Parse the probe's flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="", help="train.py --out_dir or official-layout directory ('' = a random tiny model)")
-    p.add_argument("--num_samples", type=int, default=300, help="generated scenes to probe (3 expressions each at most)")
-    p.add_argument("--train_frac", type=float, default=0.7, help="fraction of the expressions the regressions are fit on")
-    p.add_argument("--steps", type=int, default=500, help="full-batch Adam steps per logistic regression")
-    p.add_argument("--out_dir", default="probe_out", help="where probe.json goes")
+    p.add_argument("--ckpt", default="", help="train.py --out_dir or official-layout directory (default '': a random tiny model, seeded)")
+    p.add_argument("--num_samples", type=int, default=300, help="generated scenes to probe, 3 expressions each at most (default 300)")
+    p.add_argument("--train_frac", type=float, default=0.7, help="fraction of the expressions the regressions are fit on; the rest are scored (default 0.7)")
+    p.add_argument("--steps", type=int, default=500, help="full-batch Adam steps per logistic regression (default 500)")
+    p.add_argument("--out_dir", default="probe_out", help="where probe.json goes (default probe_out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.num_samples < 2 or not 0 < args.train_frac < 1 or args.steps < 1:
