@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
+import data
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # name: (train.py flags, eval.py flags, trained weights used)
     "baseline": (["--mba=False", "--lambda_tmc=0", "--lambda_bound=0"], [], "baseline"),
@@ -30,7 +32,7 @@ CONFIGS = {  # name: (train.py flags, eval.py flags, trained weights used)
     "+MBA+TMC+Bound": ([], [], "+MBA+TMC+Bound"),
     "full, MBA off at eval": (None, ["--mba=False"], "+MBA+TMC+Bound"),
 }
-KINDS = ("attribute", "relation", "comparative")
+KINDS = data.IMAGE_KINDS
 
 
 def parse_args(argv=None):

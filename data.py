@@ -146,6 +146,9 @@ def objects_matching(text, objects):
     return [i for i, o in enumerate(objects) if wanted <= {o["size"], o["colour"], o["shape"]} and words[-1] in SHAPES]
 
 
+IMAGE_KINDS = ("attribute", "relation", "comparative")  # expression kinds of generated images (videos: "motion")
+
+
 def expression_kind(text):
     """What a generated expression asks to resolve: 'attribute', 'relation', 'comparative' or 'motion'."""
     if " moving " in text:

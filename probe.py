@@ -26,7 +26,7 @@ import losses
 import salma
 
 ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES)}
-KINDS = ("attribute", "relation", "comparative")
+KINDS = data.IMAGE_KINDS
 PROBE_SEED = 20_000  # scene seed: apart from training (train.py's --seed) and eval.py's val split (10000)
 
 
@@ -124,7 +124,7 @@ def format_table(table):
 
 
 def main(argv=None):
-    """Probe --ckpt's z_seg; print the table and write probe.json."""
+    """Probe --ckpt's z_seg and F_v; print the table and write probe.json."""
     args = parse_args(argv)
     torch.manual_seed(0)  # --ckpt '' builds the same random model on every run
     model, tokenizer = ev.load_model(args.ckpt)
