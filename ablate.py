@@ -39,8 +39,8 @@ def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    p.add_argument("--max_steps", type=int, default=1200, help="training steps per run (default 1200: the reduced budget, past the "
-                   "~450-600 steps after which the default mix starts to choose targets; README gives the time)")
+    p.add_argument("--max_steps", type=int, default=1200, help="training steps per run, after train.py's SAM-2 encoder pretraining "
+                   "(default 1200: the reduced budget; README gives the time)")
     p.add_argument("--num_samples", type=int, default=50, help="generated val images scored per run (default 50, as eval.py)")
     p.add_argument("--out_dir", default="ablate_out", help="where runs, results.json, table.md and chart.png go")
     p.add_argument("--data", default="synthetic:1", help="train.py --data (default: train.py's generated mix, a quarter of it videos; "
