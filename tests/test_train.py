@@ -93,7 +93,8 @@ def test_bad_flags_and_files_give_one_line_before_any_model_is_built(tmp_path):
 
 
 def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_path):
-    common = ["--max_steps=2", "--save_every=2", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-3"]
+    common = ["--max_steps=2", "--save_every=2", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-3",
+              "--sam2_pretrain_frac=0"]  # the main steps are compared; each rank's pretraining is a separate process's
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
                    cwd=ROOT, capture_output=True, text=True, check=True)  # raises if ranks diverge
@@ -109,7 +110,7 @@ def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_pa
     assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 2e-4
     assert max((fsdp[k] - single[k]).abs().max().item() for k in ddp) < 2e-4
     run_train("--max_steps=1", "--save_every=1", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-12",
-              f"--out_dir={tmp_path / 'init'}")
+              "--sam2_pretrain_frac=0", f"--out_dir={tmp_path / 'init'}")
     init = torch.load(tmp_path / "init" / "ckpt.pt", weights_only=True)["model"]
     assert max((ddp[k] - init[k]).abs().max().item() for k in ddp) > 5e-4  # the weights did move
 
@@ -186,8 +187,9 @@ def eval_ciou(run_dir, out_dir):
 def test_train_py_runs_its_steps_and_segmentation_improves(tmp_path):
     """`python train.py` end to end (the generated mix, videos included): after 150 steps eval.py's cIoU is
     clearly above that of the same run after one step; choosing the target is asserted by the ladder rungs."""
-    run_train("--max_steps=150", "--save_every=1000", f"--out_dir={tmp_path / 'run'}")
-    run_train("--max_steps=1", f"--out_dir={tmp_path / 'step1'}")
+    no_pretraining = "--sam2_pretrain_frac=0"  # SAM-2's encoder random and trained: 150 steps leave "every shape"
+    run_train("--max_steps=150", "--save_every=1000", no_pretraining, f"--out_dir={tmp_path / 'run'}")
+    run_train("--max_steps=1", no_pretraining, f"--out_dir={tmp_path / 'step1'}")
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 151))
     assert json.load(open(tmp_path / "run" / "ckpt.json"))["step"] == 150
@@ -222,8 +224,8 @@ def train_config(flags):
 
 
 def test_train_py_keeps_the_pretrained_encoder_frozen(tmp_path):
-    """The encoder train.py saves after its steps is exactly the one its pretraining made (same seed, made
-    here in-process): the main steps do not change it, while the mask decoder does change."""
+    """The encoder train.py saves after its steps is the one its pretraining made (same seed, made here
+    in-process): the main steps do not change it, while the mask decoder does change."""
     run_train("--max_steps=6", "--sam2_pretrain_frac=0.5", "--save_every=6", f"--out_dir={tmp_path}")
     saved = salma.read_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["model"]
     torch.manual_seed(0)
@@ -234,5 +236,6 @@ def test_train_py_keeps_the_pretrained_encoder_frozen(tmp_path):
     assert report["steps"] == 3 and json.load(open(tmp_path / "sam2_pretrain.json"))["steps"] == 3
     encoder = {k: v for k, v in model.state_dict().items() if ".image_encoder." in k}
     decoder = {k: v for k, v in model.state_dict().items() if ".sam_mask_decoder." in k}
-    assert encoder and all(torch.equal(saved[k], v) for k, v in encoder.items())
+    # frozen: equal up to the rounding of another process (a main step at lr 3e-4 moves weights ~1e-4)
+    assert encoder and max((saved[k] - v).abs().max().item() for k, v in encoder.items()) < 1e-5
     assert any(not torch.equal(saved[k], v) for k, v in decoder.items())
