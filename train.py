@@ -370,14 +370,18 @@ def object_attributes(scene):
     return masks, torch.tensor(labels)
 
 
+def split_attributes(logits, count):
+    """Logits (N, class counts of the last `count` ATTRIBUTES summed) -> one (N, classes) part per attribute."""
+    return logits.split([len(names) for names in ATTRIBUTES[-count:]], dim=1)
+
+
 def attribute_losses(logits, labels):
     """Sum of the cross-entropies of logits (N, sum of the attributes' class counts) against labels (N, A)."""
-    parts = logits.split([len(names) for names in ATTRIBUTES[-labels.shape[1]:]], dim=1)
-    return sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(parts))
+    return sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(split_attributes(logits, labels.shape[1])))
 
 
 def encoder_pretraining_pass(grounding, heads, scenes, sam_size):
-    """SAM-2's embedding of the scenes' images read by both heads -> (loss, held-out style scores in %).
+    """SAM-2's embedding of the scenes' images read by both heads -> (loss, pretraining_scores of this pass).
 
     Per object: shape and size from the embedding averaged over its mask (object_head). Per pixel of the
     decoder's low-res grid: object or background, and the colour, shape and size of the object under it
@@ -399,9 +403,11 @@ def encoder_pretraining_pass(grounding, heads, scenes, sam_size):
         foreground = on_grid.amax(0) > 0
         pixel_labels = labels[on_grid.argmax(0)][foreground]  # (P, 3): the object's labels at each of its pixels
         pixel_loss = pixel_loss + F.binary_cross_entropy_with_logits(pixel_logits[b, 0], foreground.float())
-        pixel_loss = pixel_loss + attribute_losses(pixel_logits[b, 1:].permute(1, 2, 0)[foreground], pixel_labels)
+        object_pixel_logits = pixel_logits[b, 1:].permute(1, 2, 0)[foreground]  # (P, 9)
+        pixel_loss = pixel_loss + attribute_losses(object_pixel_logits, pixel_labels)
         found.append((pixel_logits[b, 0] > 0, foreground))
-        pixel_hits.append(pixel_logits[b, 1 + len(data.COLOURS):1 + len(data.COLOURS) + len(data.SHAPES)].argmax(0)[foreground] == pixel_labels[:, 1])
+        _, pixel_shape_logits, _ = split_attributes(object_pixel_logits.detach(), len(ATTRIBUTES))
+        pixel_hits.append(pixel_shape_logits.argmax(1) == pixel_labels[:, 1])
     object_logits, object_labels = torch.cat(object_logits), torch.cat(object_labels)
     loss = attribute_losses(object_logits, object_labels) + pixel_loss / len(scenes)
     return loss, pretraining_scores(object_logits, object_labels, found, pixel_hits)
@@ -409,7 +415,7 @@ def encoder_pretraining_pass(grounding, heads, scenes, sam_size):
 
 def pretraining_scores(object_logits, object_labels, found, pixel_hits):
     """Per object: shape and size accuracy; per pixel: objectness IoU and the shape accuracy on objects (%)."""
-    shape_logits, size_logits = object_logits.detach().split([len(data.SHAPES), len(data.SIZES)], dim=1)
+    shape_logits, size_logits = split_attributes(object_logits.detach(), 2)
     predicted, actual = (torch.cat([pair[i].flatten() for pair in found]) for i in range(2))
     scores = {"object_shape_accuracy": (shape_logits.argmax(1) == object_labels[:, 0]).float().mean(),
               "object_size_accuracy": (size_logits.argmax(1) == object_labels[:, 1]).float().mean(),
