@@ -224,18 +224,20 @@ def train_config(flags):
 
 
 def test_train_py_keeps_the_pretrained_encoder_frozen(tmp_path):
-    """The encoder train.py saves after its steps is the one its pretraining made (same seed, made here
-    in-process): the main steps do not change it, while the mask decoder does change."""
-    run_train("--max_steps=6", "--sam2_pretrain_frac=0.5", "--save_every=6", f"--out_dir={tmp_path}")
-    saved = salma.read_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["model"]
+    """train.py pretrains SAM-2's encoder (3 steps in both runs here), then freezes it: the runs' checkpoints
+    after 3 and after 6 main steps hold the same encoder, bit for bit, and not the random one they started
+    from, while their mask decoders differ."""
+    saved = {}
+    for steps, frac in ((3, "1"), (6, "0.5")):
+        out_dir = tmp_path / str(steps)
+        run_train(f"--max_steps={steps}", f"--sam2_pretrain_frac={frac}", f"--save_every={steps}", f"--out_dir={out_dir}")
+        assert json.load(open(out_dir / "sam2_pretrain.json"))["steps"] == 3
+        saved[steps] = salma.read_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
     torch.manual_seed(0)
-    random.seed(0)
-    train_cfg, _, preset, overrides = train.parse_args(["--max_steps=6", "--sam2_pretrain_frac=0.5"])
-    model, _ = train.build_model(train_cfg, preset, overrides)
-    report = train.pretrain_sam2_encoder(model, train_cfg, torch.device("cpu"))
-    assert report["steps"] == 3 and json.load(open(tmp_path / "sam2_pretrain.json"))["steps"] == 3
-    encoder = {k: v for k, v in model.state_dict().items() if ".image_encoder." in k}
-    decoder = {k: v for k, v in model.state_dict().items() if ".sam_mask_decoder." in k}
-    # frozen: equal up to the rounding of another process (a main step at lr 3e-4 moves weights ~1e-4)
-    assert encoder and max((saved[k] - v).abs().max().item() for k, v in encoder.items()) < 1e-5
-    assert any(not torch.equal(saved[k], v) for k, v in decoder.items())
+    train_cfg, _, preset, overrides = train.parse_args(["--max_steps=6"])
+    initial = train.build_model(train_cfg, preset, overrides)[0].state_dict()
+    encoder = [k for k in initial if ".image_encoder." in k]
+    decoder = [k for k in initial if ".sam_mask_decoder." in k]
+    assert encoder and all(torch.equal(saved[3][k], saved[6][k]) for k in encoder)
+    assert any(not torch.equal(saved[3][k], initial[k]) for k in encoder)
+    assert any(not torch.equal(saved[3][k], saved[6][k]) for k in decoder)
