@@ -395,8 +395,7 @@ def encoder_pretraining_pass(grounding, heads, scenes, sam_size):
     for b, scene in enumerate(scenes):
         masks, labels = object_attributes(scene)  # (K, H, W), (K, 3)
         labels = labels.to(embed.device)
-        coverage = F.interpolate(masks[:, None].float(), size=embed.shape[-2:], mode="area")[:, 0].to(embed.device)  # (K, h, w)
-        object_feats = torch.einsum("chw,khw->kc", embed[b], coverage) / coverage.sum((1, 2))[:, None].clamp_min(1e-6)
+        object_feats, _ = losses.pool_mask_features(embed[b].expand(len(masks), -1, -1, -1), masks.to(embed.device))  # (K, C)
         object_logits.append(object_head(object_feats))
         object_labels.append(labels[:, 1:])
         on_grid = losses.resize_gt(masks, pixel_logits.shape[-2:]).to(embed.device)  # (K, 4h, 4w)
