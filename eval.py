@@ -12,7 +12,9 @@ Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
   python eval.py --ckpt out/tiny --visualize 4                # PNGs: image | SALMA | G | attention | baseline | truth
 
 --ckpt is an official-layout directory (Sa2VA / exported SALMA) or a train.py --out_dir (ckpt.pt).
-Metrics are printed and written to <out_dir>/metrics.json, next to the predictions.
+Metrics are printed and written to <out_dir>/metrics.json, next to the predictions. On generated images
+they also count, per expression kind, which objects each mask took (outcomes: the target alone, the
+target and others, only others, none; mask_outcome).
 """
 
 import argparse
@@ -345,7 +347,26 @@ def run_images(model, tok, dataset, indices, args):
             missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
             inter, union = intersection_union(None if missing else pred, gt)
             rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
+            if sample.get("objects"):  # a generated scene: which of its objects the mask took
+                _, object_masks = data.render(sample["objects"], sample["frames"][0].size)
+                rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks.numpy(), sample["targets"][k])
     return rows
+
+
+OUTCOMES = ("target", "target+others", "others", "none")  # what a mask on a generated image took (mask_outcome)
+
+
+def mask_outcome(pred, object_masks, target):
+    """Which objects of a generated scene a mask (H, W) takes, object_masks (K, H, W): one of OUTCOMES.
+
+    An object counts as taken when the mask covers over half of it.
+    """
+    taken = [j for j, mask in enumerate(object_masks) if (pred & mask).sum() * 2 > mask.sum()]
+    if not taken:
+        return "none"
+    if taken == [target]:
+        return "target"
+    return "target+others" if target in taken else "others"
 
 
 def generation(args):
@@ -525,9 +546,15 @@ def format_metrics(metrics):
 
 
 def by_kind(rows, is_video):
-    """The metrics of each kind of generated expression (attribute / relation / comparative / motion)."""
+    """The metrics of each kind of generated expression (attribute / relation / comparative / motion), with
+    the count of each mask_outcome where the rows have one (generated images)."""
     kinds = [data.expression_kind(r["expr"]) for r in rows]
-    return {kind: summarize([r for r, k in zip(rows, kinds) if k == kind], is_video) for kind in sorted(set(kinds))}
+    result = {kind: summarize([r for r, k in zip(rows, kinds) if k == kind], is_video) for kind in sorted(set(kinds))}
+    for kind, metrics in result.items():
+        taken = [r["outcome"] for r, k in zip(rows, kinds) if k == kind and "outcome" in r]
+        if taken:  # how many masks took the target alone, the target and others, only others, nothing
+            metrics["outcomes"] = {outcome: taken.count(outcome) for outcome in OUTCOMES}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import eval as ev
 import salma
 
@@ -185,6 +186,24 @@ def test_eval_synthetic_images_and_videos_write_every_field(trained, tmp_path):
         assert fields | {"dataset", "mba"} <= set(metrics) and metrics["N"] >= 3
         assert "items_per_s" in json.load(open(out / "speed.json"))
         assert len(open(out / "predictions.jsonl").readlines()) == metrics["N"]
+        if dataset == "synthetic":  # every image expression's mask is classed by the objects it took
+            assert all(sum(kind["outcomes"].values()) == kind["N"] for kind in metrics["by_kind"].values())
+
+
+def test_mask_outcome_names_the_objects_a_mask_took():
+    """On a generated scene: the target's own mask, it with a neighbour, a neighbour alone, and a sliver."""
+    scene = data.SyntheticRefDataset(1, video_fraction=0.0)[0]
+    _, objects = data.render(scene["objects"], scene["frames"][0].size)
+    objects = objects.numpy()
+    target, other = scene["targets"][0], (scene["targets"][0] + 1) % len(objects)
+    assert ev.mask_outcome(objects[target], objects, target) == "target"
+    assert ev.mask_outcome(objects[target] | objects[other], objects, target) == "target+others"
+    assert ev.mask_outcome(objects[other], objects, target) == "others"
+    rows = np.flatnonzero(objects[target].any(1))
+    sliver = objects[target].copy()
+    sliver[rows[len(rows) // 4]:] = False  # the top quarter of its rows: under half of its pixels
+    assert ev.mask_outcome(sliver, objects, target) == "none"
+    assert ev.mask_outcome(np.zeros_like(sliver), objects, target) == "none"
 
 
 def test_a_checkpoint_evaluates_and_exports_the_same_every_time(trained, tmp_path):
