@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--max_steps", type=int, default=1200, help="training steps per run, after train.py's SAM-2 encoder pretraining "
                    "(default 1200: the reduced budget; README gives the time)")
+    p.add_argument("--sam2_pretrain_frac", type=float, default=1.5, help="train.py's SAM-2 encoder pretraining, as a fraction of "
+                   "--max_steps (default 1.5: 1800 pretraining steps before 1200 main ones, the setup of README's Table 2)")
     p.add_argument("--num_samples", type=int, default=50, help="generated val images scored per run (default 50, as eval.py)")
     p.add_argument("--out_dir", default="ablate_out", help="where runs, results.json, table.md and chart.png go")
     p.add_argument("--data", default="synthetic:1", help="train.py --data (default: train.py's generated mix, a quarter of it videos; "
@@ -78,8 +80,8 @@ def train_and_evaluate(weights, seed, args):
     """Train one set of weights (unless its checkpoint exists) and score every configuration that uses them."""
     run_dir = os.path.join(args.out_dir, "runs", f"{weights}_seed{seed}")
     if not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
-        run(["train.py", *CONFIGS[weights][0], f"--max_steps={args.max_steps}", f"--data={args.data}", f"--seed={seed}",
-             f"--out_dir={run_dir}"], run_dir + "_train.log", args.threads)
+        run(["train.py", *CONFIGS[weights][0], f"--max_steps={args.max_steps}", f"--sam2_pretrain_frac={args.sam2_pretrain_frac}",
+             f"--data={args.data}", f"--seed={seed}", f"--out_dir={run_dir}"], run_dir + "_train.log", args.threads)
     return {name: scores(evaluate(name, seed, run_dir, args)) for name, c in CONFIGS.items() if c[2] == weights}
 
 

@@ -40,11 +40,11 @@ class TrainConfig:
     out_dir: str = "out/tiny"  # where ckpt.pt, ckpt.json, tokenizer.json and log.jsonl go
     init: str = ""  # official checkpoint directory (Sa2VA / InternVL) to start from; "" = random init
     sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
-    sam2_pretrain_frac: float = 1.5  # from scratch on generated data only: first pretrain SAM-2's image encoder for this fraction of max_steps (extra steps, ~2x cheaper than main ones) to find the objects and tell their colours, shapes and sizes, then freeze it as Sa2VA freezes the pretrained one (README: What the testbed shows); 0 = off
+    sam2_pretrain_frac: float = 0.75  # from scratch on generated data only: first pretrain SAM-2's image encoder for this fraction of max_steps (extra steps, ~2x cheaper than main ones) to find the objects and tell their colours, shapes and sizes, then freeze it as Sa2VA freezes the pretrained one (README: What the testbed shows); 0 = off
     sam2_pretrain_lr: float = 1e-3  # learning rate of that pretraining (constant after a warm-up of 1/12 of its steps)
     data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
     data_root: str = ""  # "" = generated synthetic data
-    max_steps: int = 1800  # optimizer steps
+    max_steps: int = 2400  # optimizer steps
     batch_size: int = 2  # per device
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 8192  # tokens per sample (Sa2VA's); longer conversations are cut at a turn boundary (counted)
