@@ -1,7 +1,7 @@
 """
 Train SALMA (or the Sa2VA baseline with --mba=False). One file, no framework.
 
-  python train.py                                  # tiny SALMA on generated data, CPU, 8.5-11.5 min on 2 cores
+  python train.py                                  # tiny SALMA on generated data, CPU, 10-13.5 min on 2 cores
   python train.py --out_dir=out/tiny --resume      # continue exactly where a run stopped
   torchrun --standalone --nproc_per_node=8 train.py --preset=sa2va-1b --init=ckpts/Sa2VA-1B \\
       --data=refcoco:4,refcoco+:4,refcocog:4,mevis:4,revos:10,ytvos:4 --data_root=data/
