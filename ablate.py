@@ -50,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="trainings run in parallel, one process each (default 2 = 2 cores)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process (default 1)")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.num_samples < 1 or args.max_steps < 1:
-        p.error("--seeds and --num_samples must be >= 1, --max_steps >= 1")
+    if args.seeds < 1 or args.num_samples < 1 or args.max_steps < 1 or args.sam2_pretrain_frac < 0:
+        p.error("--seeds, --num_samples and --max_steps must be >= 1, --sam2_pretrain_frac >= 0")
     return args
 
 
