@@ -341,15 +341,16 @@ def run_images(model, tok, dataset, indices, args):
     rows = []
     for i in tqdm(indices, desc="eval", disable=args.quiet, unit="img"):
         sample = dataset[i]
+        if sample.get("objects"):  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
+            object_masks = data.render(sample["objects"], sample["frames"][0].size)[1].numpy()
         for k, expr in enumerate(sample["exprs"]):
             gt, maps = sample["masks"][k, 0].numpy(), {}
             pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, **generation(args)).cpu().numpy()
             missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
             inter, union = intersection_union(None if missing else pred, gt)
             rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
-            if sample.get("objects"):  # a generated scene: which of its objects the mask took
-                _, object_masks = data.render(sample["objects"], sample["frames"][0].size)
-                rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks.numpy(), sample["targets"][k])
+            if sample.get("objects"):
+                rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks, sample["targets"][k])
     return rows
 
 
