@@ -1,15 +1,18 @@
 """
 Where does a trained model lose the target? Linear probes of both sides of the [SEG] -> SAM-2 hand-over.
 
-  python probe.py --ckpt out/tiny              # the target's colour / shape / size read from z_seg and from F_v
+  python probe.py --ckpt out/tiny              # the target's colour / shape / size / place read from z_seg and from F_v
 
 On generated scenes (a split of their own, seed 20000), for every expression the answer "Sure, [SEG]." is
 teacher-forced and two features recorded: z_seg, the prompt the LLM hands to SAM-2, and F_v at the target,
 SAM-2's image embedding averaged over the target's mask (what the decoder has to find). One logistic
-regression per attribute of the target (colour, shape, size) and per feature is fit on 70% of the
-expressions and scored on the other 30%, per expression kind, next to the majority-class rate. Reading it:
-an attribute F_v does not tell apart cannot be segmented by it; an attribute z_seg does not carry (at the
-majority rate) means the LLM did not resolve which object is meant. Writes OUT_DIR/probe.json and a table.
+regression per attribute of the target (colour, shape, size, and the column and row of its centre in a
+4x4 grid of the image) and per feature is fit on 70% of the expressions and scored on the other 30%, per
+expression kind, next to the majority-class rate. Reading it: an attribute F_v does not tell apart cannot be
+segmented by it; an attribute z_seg does not carry (at the majority rate) means the LLM did not resolve which
+object is meant. Image reliance says whether the LLM looks at the image at all: how far z_seg moves when the
+scene's image is swapped for the next scene's (same words), over how far z_seg lies from its mean across
+expressions (0: z_seg comes from the words alone). Writes OUT_DIR/probe.json and a table.
 """
 
 import argparse
@@ -25,7 +28,9 @@ import eval as ev
 import losses
 import salma
 
-ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES)}
+GRID = 4  # column and row of the target's centre in a GRID x GRID grid of the image (the tiny LLM's 16 image tokens)
+ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES),
+              "column": list(range(GRID)), "row": list(range(GRID))}
 KINDS = data.IMAGE_KINDS
 PROBE_SEED = 20_000  # scene seed: apart from training (train.py's --seed) and eval.py's val split (10000)
 
@@ -55,23 +60,39 @@ def target_features(model, frame, masks):
     return pooled
 
 
+def target_labels(obj, image_size):
+    """Class index of each of ATTRIBUTES for a generated object in an image of image_size (w, h)."""
+    place = {"column": obj["cx"] * GRID // image_size[0], "row": obj["cy"] * GRID // image_size[1]}
+    return [values.index(place[name] if name in place else obj[name]) for name, values in ATTRIBUTES.items()]
+
+
+def z_seg_of(model, tokenizer, frames, expr):
+    """z_seg (C,) of an expression on frames, the answer "Sure, [SEG]." teacher-forced."""
+    _, z_seg, _, _ = model.answer(frames, expr, tokenizer, force_seg=True)
+    return z_seg[0].float().numpy()
+
+
 @torch.inference_mode()
 def collect(model, tokenizer, dataset, quiet=False):
-    """Features {z_seg, F_v at the target} (N, C) each, target attribute labels (N, 3) in ATTRIBUTES order,
-    and kinds (N,) of every image expression."""
-    z_segs, f_vs, labels, kinds = [], [], [], []
+    """Features {z_seg, F_v at the target} (N, C) each, target labels (N, len(ATTRIBUTES)), kinds (N,) of every
+    image expression, and z_seg with the next scene's image in place of its own (N, C)."""
+    z_segs, swapped, f_vs, labels, kinds = [], [], [], [], []
     for i in tqdm(range(len(dataset)), desc="probe", disable=quiet, unit="img"):
-        sample = dataset[i]
+        sample, other = dataset[i], dataset[(i + 1) % len(dataset)]
         f_vs.append(target_features(model, sample["frames"][0], sample["masks"][:, 0]).numpy())
         for expr, target in zip(sample["exprs"], sample["targets"]):
-            _, z_seg, _, _ = model.answer(sample["frames"], expr, tokenizer, force_seg=True)
-            obj = sample["objects"][target]
-            z_segs.append(z_seg[0].float().numpy())
-            labels.append([values.index(obj[name]) for name, values in ATTRIBUTES.items()])
+            z_segs.append(z_seg_of(model, tokenizer, sample["frames"], expr))
+            swapped.append(z_seg_of(model, tokenizer, other["frames"], expr))
+            labels.append(target_labels(sample["objects"][target], sample["frames"][0].size))
             kinds.append(data.expression_kind(expr))
     features = {"z_seg": np.stack(z_segs), "F_v at the target": np.concatenate(f_vs)}
     features = {name: torch.from_numpy(f) for name, f in features.items()}  # plain tensors: the regressions need grad
-    return features, torch.tensor(labels), np.array(kinds)
+    return features, torch.tensor(labels), np.array(kinds), torch.from_numpy(np.stack(swapped))
+
+
+def image_reliance(z_seg, z_swapped):
+    """Mean distance of z_seg (N, C) to z_seg with another image (N, C), over z_seg's mean distance to its mean."""
+    return ((z_seg - z_swapped).norm(dim=1).mean() / (z_seg - z_seg.mean(0)).norm(dim=1).mean().clamp_min(1e-12)).item()
 
 
 def probe_accuracy(features, labels, is_train, is_test, steps=500, seed=0):
@@ -129,14 +150,19 @@ def main(argv=None):
     torch.manual_seed(0)  # --ckpt '' builds the same random model on every run
     model, tokenizer = ev.load_model(args.ckpt)
     dataset = data.SyntheticRefDataset(args.num_samples, seed=PROBE_SEED, video_fraction=0.0)
-    features, labels, kinds = collect(model, tokenizer, dataset, args.quiet)
+    features, labels, kinds, z_swapped = collect(model, tokenizer, dataset, args.quiet)
     table = probe_table(features, labels, kinds, args.train_frac, args.steps)
+    reliance = round(image_reliance(features["z_seg"], z_swapped), 3)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "probe.json")
     with open(path, "w") as f:
-        json.dump({"ckpt": args.ckpt, "num_samples": args.num_samples, "expressions": len(labels), "by_feature": table}, f, indent=2)
-    print("linear probes of the target's attributes: held-out accuracy % (majority-class rate %)")
+        json.dump({"ckpt": args.ckpt, "num_samples": args.num_samples, "expressions": len(labels),
+                   "image_reliance": reliance, "by_feature": table}, f, indent=2)
+    print(f"linear probes of the target's attributes (column, row: its centre in a {GRID}x{GRID} grid): "
+          "held-out accuracy % (majority-class rate %)")
     print(format_table(table))
+    print(f"image reliance of z_seg: {reliance} (its move when the image is swapped for another scene's, over its "
+          "spread across expressions; 0 = from the words alone)")
     print(f"wrote {path}")
     return table
 

@@ -28,7 +28,7 @@ def test_probe_accuracy_reads_a_linear_code_and_stays_at_chance_on_noise():
 
 def test_probe_table_scores_each_kind_on_held_out_expressions_only():
     """A kind whose only expressions are in the fitted part is left out; the majority rate is that of the held-out ones."""
-    labels = torch.tensor([[0, 0, 0], [1, 1, 1]] * 10)
+    labels = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]] * 10)
     kinds = np.array(["attribute"] * 14 + ["relation"] * 6)
     features = torch.nn.functional.one_hot(labels[:, 0], 2).float()
     table = probe.probe_table({"coded": features}, labels, kinds, train_frac=0.7, steps=200)["coded"]
@@ -51,11 +51,26 @@ def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
         for row in by_kind.values():
             for name in probe.ATTRIBUTES:
                 assert 0 <= row[name]["accuracy"] <= 100 and 0 < row[name]["majority"] <= 100
-    assert "| feature | kind | N | colour | shape | size |" in proc.stdout
+    assert "| feature | kind | N | colour | shape | size | column | row |" in proc.stdout
+    assert result["image_reliance"] > 0.1  # a random LLM already mixes the image into z_seg
     assert_one_line_error(run_probe("--ckpt=/nowhere"), "--ckpt", "/nowhere")
     assert_one_line_error(run_probe("--train_frac=1.5"), "--train_frac")
     help_text = run_probe("--help").stdout
     assert all(f"--{flag}" in help_text for flag in ("ckpt", "num_samples", "train_frac", "steps", "out_dir"))
+
+
+def test_image_reliance_is_zero_for_words_alone_and_grows_with_the_image():
+    torch.manual_seed(0)
+    z_seg = torch.randn(50, 8)
+    assert probe.image_reliance(z_seg, z_seg.clone()) == 0  # the image changed nothing
+    assert 0.05 < probe.image_reliance(z_seg, z_seg + 0.1 * torch.randn(50, 8)) < 0.2
+    assert probe.image_reliance(z_seg, torch.randn(50, 8)) > 1  # as far as another expression's z_seg
+
+
+def test_target_labels_place_the_centre_in_the_grid():
+    obj = {"colour": "blue", "shape": "triangle", "size": "large", "cx": 150, "cy": 20}
+    assert probe.target_labels(obj, (192, 192)) == [2, 2, 1, 3, 0]  # blue, triangle, large; column 3, row 0
+    assert probe.target_labels({**obj, "cx": 47, "cy": 48}, (192, 192))[3:] == [0, 1]  # cells of 48 px
 
 
 def test_target_features_average_sams_image_embedding_over_each_mask():
