@@ -341,7 +341,8 @@ def run_images(model, tok, dataset, indices, args):
     rows = []
     for i in tqdm(indices, desc="eval", disable=args.quiet, unit="img"):
         sample = dataset[i]
-        if sample.get("objects"):  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
+        object_masks = None  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
+        if sample.get("objects"):
             object_masks = data.render(sample["objects"], sample["frames"][0].size)[1].numpy()
         for k, expr in enumerate(sample["exprs"]):
             gt, maps = sample["masks"][k, 0].numpy(), {}
@@ -349,7 +350,7 @@ def run_images(model, tok, dataset, indices, args):
             missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
             inter, union = intersection_union(None if missing else pred, gt)
             rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
-            if sample.get("objects"):
+            if object_masks is not None:
                 rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks, sample["targets"][k])
     return rows
 

@@ -77,8 +77,9 @@ def collect(model, tokenizer, dataset, quiet=False):
     """Features {z_seg, F_v at the target} (N, C) each, target labels (N, len(ATTRIBUTES)), kinds (N,) of every
     image expression, and z_seg with the next scene's image in place of its own (N, C)."""
     z_segs, swapped, f_vs, labels, kinds = [], [], [], [], []
+    other = dataset[0]
     for i in tqdm(range(len(dataset)), desc="probe", disable=quiet, unit="img"):
-        sample, other = dataset[i], dataset[(i + 1) % len(dataset)]
+        sample, other = other, dataset[(i + 1) % len(dataset)]  # each scene is generated once (the first twice)
         f_vs.append(target_features(model, sample["frames"][0], sample["masks"][:, 0]).numpy())
         for expr, target in zip(sample["exprs"], sample["targets"]):
             z_segs.append(z_seg_of(model, tokenizer, sample["frames"], expr))
