@@ -4,13 +4,15 @@ Where does a trained model lose the target? Linear probes of both sides of the [
   python probe.py --ckpt out/tiny              # the target's colour / shape / size / place read from z_seg and from F_v
 
 On generated scenes (a split of their own, seed 20000), for every expression the answer "Sure, [SEG]." is
-teacher-forced and two features recorded: z_seg, the prompt the LLM hands to SAM-2, and F_v at the target,
-SAM-2's image embedding averaged over the target's mask (what the decoder has to find). One logistic
+teacher-forced and three features recorded: z_seg, the prompt the LLM hands to SAM-2; F_v at the target,
+SAM-2's image embedding averaged over the target's mask (what the decoder has to find); and the LLM's image
+token at the target (after mlp1, the token over its centre: what the LLM can fetch). One logistic
 regression per attribute of the target (colour, shape, size, and the column and row of its centre in a
 4x4 grid of the image) and per feature is fit on 70% of the expressions and scored on the other 30%, per
 expression kind, next to the majority-class rate. Reading it: an attribute F_v does not tell apart cannot be
 segmented by it; an attribute z_seg does not carry (at the majority rate) means the LLM did not resolve which
-object is meant. Image reliance says whether the LLM looks at the image at all: how far z_seg moves when the
+object is meant; a place (column, row) the image token does not tell is one attention cannot fetch, since
+attention moves token contents, not token positions. Image reliance says whether the LLM looks at the image at all: how far z_seg moves when the
 scene's image is swapped for the next scene's (same words), over how far z_seg lies from its mean across
 expressions (0: z_seg comes from the words alone). Writes OUT_DIR/probe.json and a table.
 """
@@ -60,6 +62,18 @@ def target_features(model, frame, masks):
     return pooled
 
 
+@torch.inference_mode()
+def image_token_at(model, frame, objects):
+    """The LLM's image token (after mlp1) over each object's centre, on the image's last tile (the thumbnail or the
+    only tile, which show the whole image) -> (E, D)."""
+    pixels = salma.mllm_pixels([frame], model.cfg, is_video=False).to(model.device)
+    tokens = model.mllm.extract_feature(pixels)[-1].float()  # (g*g, D), row-major on the tile's g x g token grid
+    side = int(len(tokens) ** 0.5)
+    width, height = frame.size
+    index = [min(side - 1, o["cy"] * side // height) * side + min(side - 1, o["cx"] * side // width) for o in objects]
+    return tokens[index]
+
+
 def target_labels(obj, image_size):
     """Class index of each of ATTRIBUTES for a generated object in an image of image_size (w, h)."""
     place = {"column": obj["cx"] * GRID // image_size[0], "row": obj["cy"] * GRID // image_size[1]}
@@ -74,19 +88,23 @@ def z_seg_of(model, tokenizer, frames, expr):
 
 @torch.inference_mode()
 def collect(model, tokenizer, dataset, quiet=False):
-    """Features {z_seg, F_v at the target} (N, C) each, target labels (N, len(ATTRIBUTES)), kinds (N,) of every
-    image expression, and z_seg with the next scene's image in place of its own (N, C)."""
-    z_segs, swapped, f_vs, labels, kinds = [], [], [], [], []
+    """Features {z_seg, F_v at the target, the LLM's image token at the target} (N, C) each, target labels
+    (N, len(ATTRIBUTES)), kinds (N,) of every image expression, and z_seg with the next scene's image in place
+    of its own (N, C)."""
+    z_segs, swapped, f_vs, image_tokens, labels, kinds = [], [], [], [], [], []
     other = dataset[0]
     for i in tqdm(range(len(dataset)), desc="probe", disable=quiet, unit="img"):
         sample, other = other, dataset[(i + 1) % len(dataset)]  # each scene is generated once (the first twice)
         f_vs.append(target_features(model, sample["frames"][0], sample["masks"][:, 0]).numpy())
+        targets = [sample["objects"][t] for t in sample["targets"]]
+        image_tokens.append(image_token_at(model, sample["frames"][0], targets).numpy())
         for expr, target in zip(sample["exprs"], sample["targets"]):
             z_segs.append(z_seg_of(model, tokenizer, sample["frames"], expr))
             swapped.append(z_seg_of(model, tokenizer, other["frames"], expr))
             labels.append(target_labels(sample["objects"][target], sample["frames"][0].size))
             kinds.append(data.expression_kind(expr))
-    features = {"z_seg": np.stack(z_segs), "F_v at the target": np.concatenate(f_vs)}
+    features = {"z_seg": np.stack(z_segs), "F_v at the target": np.concatenate(f_vs),
+                "LLM image token at the target": np.concatenate(image_tokens)}
     features = {name: torch.from_numpy(f) for name, f in features.items()}  # plain tensors: the regressions need grad
     return features, torch.tensor(labels), np.array(kinds), torch.from_numpy(np.stack(swapped))
 
@@ -146,7 +164,7 @@ def format_table(table):
 
 
 def main(argv=None):
-    """Probe --ckpt's z_seg and F_v; print the table and write probe.json."""
+    """Probe --ckpt's z_seg, F_v and image tokens; print the table and write probe.json."""
     args = parse_args(argv)
     torch.manual_seed(0)  # --ckpt '' builds the same random model on every run
     model, tokenizer = ev.load_model(args.ckpt)

@@ -1,4 +1,4 @@
-"""probe.py: the linear probe reads a linear code and not noise; F_v is pooled over the target; the command writes its table and fails in one line."""
+"""probe.py: the linear probe reads a linear code and not noise; F_v is pooled over the target; the image token is the one over the target; the command writes its table and fails in one line."""
 
 import json
 import os
@@ -45,7 +45,7 @@ def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
     proc = run_probe("--num_samples=8", "--steps=50", f"--out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(tmp_path / "probe.json"))
-    assert result["expressions"] >= 8 and list(result["by_feature"]) == ["z_seg", "F_v at the target"]
+    assert result["expressions"] >= 8 and list(result["by_feature"]) == ["z_seg", "F_v at the target", "LLM image token at the target"]
     for by_kind in result["by_feature"].values():
         assert by_kind and set(by_kind) <= set(probe.KINDS)
         for row in by_kind.values():
@@ -91,3 +91,20 @@ def test_target_features_average_sams_image_embedding_over_each_mask():
     assert torch.allclose(pooled[0], embed.mean((1, 2)), atol=1e-5)
     assert torch.allclose(pooled[1], embed[:, :, : embed.shape[2] // 2].mean((1, 2)), atol=1e-5)
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
+
+
+def test_image_token_at_takes_the_llm_token_over_each_centre():
+    """On the tiny model's 4x4 token grid (one tile for a square image), the centre (150, 20) of a 192 px image is
+    column 3, row 0 (token 3) and (47, 100) column 0, row 2 (token 8)."""
+    from PIL import Image
+
+    import eval as ev
+    import salma
+
+    model, _ = ev.load_model("")
+    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
+    tokens = probe.image_token_at(model, frame, [{"cx": 150, "cy": 20}, {"cx": 47, "cy": 100}])  # (2, D)
+    with torch.inference_mode():
+        grid = model.mllm.extract_feature(salma.mllm_pixels([frame], model.cfg, is_video=False))[-1]  # (16, D)
+    assert len(grid) == 16
+    assert torch.equal(tokens[0], grid[3]) and torch.equal(tokens[1], grid[8])
