@@ -1,7 +1,8 @@
 """
-Where does a trained model lose the target? Linear probes of both sides of the [SEG] -> SAM-2 hand-over.
+Where does a trained model lose the target? Linear probes of both sides of the [SEG] -> SAM-2 hand-over
+and of the image tokens the LLM reads.
 
-  python probe.py --ckpt out/tiny              # the target's colour / shape / size / place read from z_seg and from F_v
+  python probe.py --ckpt out/tiny              # the target's colour / shape / size / place read from z_seg, F_v and the image tokens
 
 On generated scenes (a split of their own, seed 20000), for every expression the answer "Sure, [SEG]." is
 teacher-forced and three features recorded: z_seg, the prompt the LLM hands to SAM-2; F_v at the target,
@@ -12,9 +13,10 @@ regression per attribute of the target (colour, shape, size, and the column and 
 expression kind, next to the majority-class rate. Reading it: an attribute F_v does not tell apart cannot be
 segmented by it; an attribute z_seg does not carry (at the majority rate) means the LLM did not resolve which
 object is meant; a place (column, row) the image token does not tell is one attention cannot fetch, since
-attention moves token contents, not token positions. Image reliance says whether the LLM looks at the image at all: how far z_seg moves when the
-scene's image is swapped for the next scene's (same words), over how far z_seg lies from its mean across
-expressions (0: z_seg comes from the words alone). Writes OUT_DIR/probe.json and a table.
+attention moves token contents, not token positions. Image reliance says whether the LLM looks at the image
+at all: how far z_seg moves when the scene's image is swapped for the next scene's (same words), over how
+far z_seg lies from its mean across expressions (0: z_seg comes from the words alone). Writes
+OUT_DIR/probe.json and a table.
 """
 
 import argparse
