@@ -64,6 +64,11 @@ def target_features(model, frame, masks):
     return pooled
 
 
+def centre_cell(obj, image_size, side):
+    """(column, row) of a generated object's centre in a side x side grid over an image of image_size (w, h)."""
+    return min(side - 1, obj["cx"] * side // image_size[0]), min(side - 1, obj["cy"] * side // image_size[1])
+
+
 @torch.inference_mode()
 def image_token_at(model, frame, objects):
     """The LLM's image token (after mlp1) over each object's centre, on the image's last tile (the thumbnail or the
@@ -71,14 +76,13 @@ def image_token_at(model, frame, objects):
     pixels = salma.mllm_pixels([frame], model.cfg, is_video=False).to(model.device)
     tokens = model.mllm.extract_feature(pixels)[-1].float()  # (g*g, D), row-major on the tile's g x g token grid
     side = int(len(tokens) ** 0.5)
-    width, height = frame.size
-    index = [min(side - 1, o["cy"] * side // height) * side + min(side - 1, o["cx"] * side // width) for o in objects]
-    return tokens[index]
+    cells = [centre_cell(o, frame.size, side) for o in objects]
+    return tokens[[row * side + column for column, row in cells]]
 
 
 def target_labels(obj, image_size):
     """Class index of each of ATTRIBUTES for a generated object in an image of image_size (w, h)."""
-    place = {"column": obj["cx"] * GRID // image_size[0], "row": obj["cy"] * GRID // image_size[1]}
+    place = dict(zip(("column", "row"), centre_cell(obj, image_size, GRID)))
     return [values.index(place[name] if name in place else obj[name]) for name, values in ATTRIBUTES.items()]
 
 

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import torch
 
+import eval as ev
 import probe
+import salma
 from test_eval import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,15 +75,17 @@ def test_target_labels_place_the_centre_in_the_grid():
     assert probe.target_labels({**obj, "cx": 47, "cy": 48}, (192, 192))[3:] == [0, 1]  # cells of 48 px
 
 
-def test_target_features_average_sams_image_embedding_over_each_mask():
-    """F_v at the target: the whole-image mask gives the embedding's mean, the left-half mask the mean of its left half."""
+def random_model_and_frame():
+    """The random tiny model eval.py builds without --ckpt, and a 192 px noise image."""
     from PIL import Image
 
-    import eval as ev
-    import salma
-
     model, _ = ev.load_model("")
-    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
+    return model, Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
+
+
+def test_target_features_average_sams_image_embedding_over_each_mask():
+    """F_v at the target: the whole-image mask gives the embedding's mean, the left-half mask the mean of its left half."""
+    model, frame = random_model_and_frame()
     masks = torch.zeros(2, 192, 192, dtype=torch.bool)
     masks[0] = True
     masks[1, :, :96] = True
@@ -96,13 +100,7 @@ def test_target_features_average_sams_image_embedding_over_each_mask():
 def test_image_token_at_takes_the_llm_token_over_each_centre():
     """On the tiny model's 4x4 token grid (one tile for a square image), the centre (150, 20) of a 192 px image is
     column 3, row 0 (token 3) and (47, 100) column 0, row 2 (token 8)."""
-    from PIL import Image
-
-    import eval as ev
-    import salma
-
-    model, _ = ev.load_model("")
-    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
+    model, frame = random_model_and_frame()
     tokens = probe.image_token_at(model, frame, [{"cx": 150, "cy": 20}, {"cx": 47, "cy": 100}])  # (2, D)
     with torch.inference_mode():
         grid = model.mllm.extract_feature(salma.mllm_pixels([frame], model.cfg, is_video=False))[-1]  # (16, D)
