@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import warnings
+import zlib
 from collections import Counter
 
 import av
@@ -144,6 +145,28 @@ def objects_matching(text, objects):
         return [i for i in objects_matching(head, objects) if objects[i].get("direction") == direction]
     wanted = {w for w in words if w in SIZES or w in COLOURS or w in SHAPES}
     return [i for i, o in enumerate(objects) if wanted <= {o["size"], o["colour"], o["shape"]} and words[-1] in SHAPES]
+
+
+ROLE_SWITCH_WORDS = ("left", "right", "above", "below")  # a relation's (or motion's) direction: its anchor follows
+ROLE_SKIPPED_WORDS = ("the", "of", "two")
+
+
+def role_code(expr, width):
+    """A fixed random code (width,) of a generated expression, the sum of one vector per (word, part).
+
+    Part 0 holds the words before a direction word ("the square"), part 1 the direction and the words after
+    it ("left of the blue triangle"), so a word says which role it plays. Each vector is N(0, 8.4^2 / width)
+    per channel (|v| about 8.4, SAM-2's prompt-token scale), drawn from a seed of the word and its part:
+    the same in every process. train.py's decoder pretraining prompts SAM-2's decoder with it, and
+    --lambda_code pulls z_seg towards it (README: What the testbed shows).
+    """
+    code, part = torch.zeros(width), 0
+    for word in expr.split():
+        part = 1 if word in ROLE_SWITCH_WORDS else part
+        if word not in ROLE_SKIPPED_WORDS:
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{part}:{word}".encode()))
+            code += torch.randn(width, generator=generator) * 8.4 / width ** 0.5
+    return code
 
 
 IMAGE_KINDS = ("attribute", "relation", "comparative")  # expression kinds of generated images (videos: "motion")
@@ -1136,6 +1159,7 @@ def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
         "pair_seg": torch.tensor(pair_seg, dtype=torch.long),
         "pair_frame": torch.tensor(pair_frame, dtype=torch.long),
         "pair_masks": torch.stack(pair_masks) if pair_masks else torch.zeros(0, low_res, low_res),
+        "seg_exprs": [expr for sample in samples for expr in sample.get("exprs") or []],  # generated data: one per [SEG]
     }
     if any(s.get("prompt_masks") is not None for s in samples):  # else every image token once, in order
         batch["context_index"] = torch.cat(context_index)

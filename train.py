@@ -42,6 +42,8 @@ class TrainConfig:
     sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
     sam2_pretrain_frac: float = 0.75  # from scratch on generated data only: first pretrain SAM-2's image encoder for this fraction of max_steps (extra steps, ~2x cheaper than main ones) to find the objects and tell their colours, shapes and sizes, then freeze it as Sa2VA freezes the pretrained one (README: What the testbed shows); 0 = off
     sam2_pretrain_lr: float = 1e-3  # learning rate of that pretraining (constant after a warm-up of 1/12 of its steps)
+    decoder_pretrain_steps: int = 0  # from scratch on generated data: after the encoder pretraining, train SAM-2's mask decoder alone this many steps, prompted by each expression's data.role_code; use with --lambda_code=1 (README: What the testbed shows); 0 = off
+    decoder_pretrain_lr: float = 3e-3  # learning rate of that decoder pretraining (50-step warm-up, cosine to 0)
     data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
     data_root: str = ""  # "" = generated synthetic data
     max_steps: int = 2400  # optimizer steps
@@ -91,6 +93,9 @@ def parse_args(argv=None):
                 setattr(loss_cfg, name, value)
     overrides = salma.preset_overrides(args)
     check_flags(train_cfg, args.preset, overrides)
+    if (train_cfg.decoder_pretrain_steps or loss_cfg.lambda_code) and not pretrains_sam2(train_cfg):
+        raise ValueError("--decoder_pretrain_steps / --lambda_code: role codes exist only for runs from scratch on generated data "
+                         "that pretrain SAM-2's encoder (no --init, --sam2_ckpt or real datasets, --sam2_pretrain_frac > 0)")
     return train_cfg, loss_cfg, args.preset, overrides
 
 
@@ -101,6 +106,9 @@ def check_flags(cfg, preset, overrides):
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.lr < 0 or not 0 <= cfg.warmup_frac <= 1:
         raise ValueError(f"--lr={cfg.lr} / --warmup_frac={cfg.warmup_frac}: need lr >= 0 and 0 <= warmup_frac <= 1")
+    if cfg.decoder_pretrain_steps < 0 or cfg.decoder_pretrain_lr <= 0:
+        raise ValueError(f"--decoder_pretrain_steps={cfg.decoder_pretrain_steps} / --decoder_pretrain_lr={cfg.decoder_pretrain_lr}: "
+                         "need steps >= 0 (0 = no decoder pretraining) and lr > 0")
     if cfg.sam2_pretrain_frac < 0 or cfg.sam2_pretrain_lr <= 0:
         raise ValueError(f"--sam2_pretrain_frac={cfg.sam2_pretrain_frac} / --sam2_pretrain_lr={cfg.sam2_pretrain_lr}: "
                          "need frac >= 0 (0 = no pretraining) and lr > 0")
@@ -278,6 +286,10 @@ def main(argv=None):
                 with open(os.path.join(train_cfg.out_dir, "sam2_pretrain.json"), "w") as f:
                     json.dump(report, f, indent=1)
         model.grounding.sam2_model.image_encoder.requires_grad_(False)  # frozen from here on, as in Sa2VA's recipe
+        if train_cfg.decoder_pretrain_steps and not train_cfg.resume:
+            report = pretrain_sam2_decoder(model, train_cfg, device)
+            if master:
+                print(f"pretrained SAM-2's mask decoder on role codes: {report}")
     ddp_model = wrap_model(model, device, train_cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer, scheduler = make_optimizer(model, train_cfg)
     ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
@@ -305,6 +317,8 @@ def main(argv=None):
         logs = {}
         for micro in range(train_cfg.grad_accum):
             batch = salma.to_device(next(batches), device)
+            if loss_cfg.lambda_code:
+                batch["seg_codes"] = role_codes(batch, model.grounding.width, device)
             last = micro == train_cfg.grad_accum - 1
             sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
             with sync, autocast:
@@ -452,6 +466,51 @@ def pretrain_sam2_encoder(model, cfg, device):
     with torch.no_grad():
         _, scores = encoder_pretraining_pass(grounding, heads, [held_out[i] for i in range(30)], sam_size)
     return {"steps": steps, "held_out": scores, "seconds": round(time.time() - start, 1)}
+
+
+def role_codes(batch, width, device):
+    """data.role_code of the expression each [SEG] of a generated batch answers -> (N_seg, width)."""
+    if len(batch["seg_exprs"]) != len(batch["seg_index"]):
+        raise ValueError(f"--lambda_code: {len(batch['seg_index'])} [SEG] tokens but {len(batch['seg_exprs'])} expressions; "
+                         "role codes need one generated expression per [SEG]")
+    return torch.stack([data.role_code(expr, width) for expr in batch["seg_exprs"]]).to(device)
+
+
+def pretrain_sam2_decoder(model, cfg, device):
+    """Teach SAM-2's mask decoder to find each expression's target from its data.role_code; returns what it took.
+
+    From scratch the LLM's z_seg keeps little but the target's shape, and the decoder does not learn relations
+    from it; prompted by a code that names each word with its role, it learns them within ~1000 steps at
+    lr 3e-3 (README: What the testbed shows). The main run then pulls z_seg to the same code (--lambda_code).
+    The frozen encoder's embedding, 2 generated images a step (every expression), BCE + Dice, AdamW with
+    a 50-step warm-up and a cosine to 0.
+    """
+    grounding, sam_size, steps = model.grounding, model.cfg.sam_image_size, cfg.decoder_pretrain_steps
+    decoder = grounding.sam2_model.sam_mask_decoder
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.decoder_pretrain_lr, weight_decay=0.05)
+    scenes = data.SyntheticRefDataset(2 * steps, seed=cfg.seed + 50_000, video_fraction=0.0)  # apart from val and held-out
+    start, losses_seen = time.time(), []
+    for step in tqdm(range(steps), desc="pretrain SAM-2 decoder"):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.decoder_pretrain_lr * min(1, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = 0
+        for scene in (scenes[2 * step], scenes[2 * step + 1]):
+            with torch.no_grad():
+                embed = grounding.encode_image(salma.sam_pixels(scene["frames"][:1], sam_size).to(device))
+            n = len(scene["exprs"])
+            codes = torch.stack([data.role_code(expr, grounding.width) for expr in scene["exprs"]]).to(device)  # (n, C)
+            low = grounding.decode(embed["image_embed"].expand(n, -1, -1, -1),
+                                   [f.expand(n, -1, -1, -1) for f in embed["high_res_feats"]], codes)[:, 0]  # (n, 4h, 4w)
+            gt = losses.resize_gt(scene["masks"][:, 0], low.shape[-2:]).to(device)
+            loss = loss + losses.bce_loss(low, gt) + losses.dice_loss(low, gt)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        losses_seen.append(loss.item() / 2)
+    model.zero_grad(set_to_none=True)
+    last = losses_seen[-100:]
+    return {"steps": steps, "loss_last_100_steps": round(sum(last) / len(last), 3), "seconds": round(time.time() - start, 1)}
 
 
 def build_model(train_cfg, preset, overrides):

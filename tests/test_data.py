@@ -101,6 +101,24 @@ def test_same_seed_same_samples_other_seed_other_samples():
     assert any(a[i]["exprs"] != c[i]["exprs"] for i in range(5))
 
 
+def test_role_code_names_each_word_with_its_role_and_is_the_same_in_every_process():
+    """data.role_code: the same words in other roles give another code; another process gives the same one."""
+    import subprocess
+    import sys
+
+    width = 64
+    code = data.role_code("the square left of the blue triangle", width)
+    swapped = data.role_code("the triangle left of the blue square", width)  # the same bag of words
+    word = data.role_code("the square", width)  # "the" is skipped: one vector
+    assert 7 < word.norm() < 10  # |v| about 8.4, SAM-2's prompt-token scale
+    assert (code - swapped).norm() > 0.5 * code.norm()
+    assert torch.equal(data.role_code("the square left of the blue triangle", width), code)
+    script = "import data; print(data.role_code('the square left of the blue triangle', 64).tolist())"
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert torch.equal(torch.tensor(json.loads(other.stdout)), code)
+
+
 def test_videos_move_the_target_the_stated_way():
     ds = data.SyntheticRefDataset(30, seed=5, video_fraction=1.0)
     for i in range(len(ds)):

@@ -83,13 +83,32 @@ def test_bad_flags_and_files_give_one_line_before_any_model_is_built(tmp_path):
 
     cases = [(["--topk=0"], ["--topk"]), (["--batch_size=0"], ["--batch_size"]), (["--mba_layers=9"], ["--mba_layers"]),
              (["--data=unknownset:1"], ["unknownset", "refcocog"]), (["--resume=True"], ["no checkpoint to resume from"]),
-             (["--init=/nowhere"], ["--init", "/nowhere"])]
+             (["--init=/nowhere"], ["--init", "/nowhere"]), (["--lambda_code=1", "--data=refcocog:1"], ["--lambda_code", "generated"]),
+             (["--decoder_pretrain_steps=-1"], ["--decoder_pretrain_steps"])]
     for flags, names in cases:
         assert_one_line_error(run_train(f"--out_dir={tmp_path}", *flags, check=False), *names)
     open(tmp_path / "sam2.pt", "wb").write(os.urandom(1000))
     assert_one_line_error(run_train(f"--out_dir={tmp_path}", f"--sam2_ckpt={tmp_path / 'sam2.pt'}", check=False), "sam2.pt", "unreadable")
     open(tmp_path / "ckpt.pt", "wb").write(b"PK\x03\x04 truncated")
     assert_one_line_error(run_train(f"--out_dir={tmp_path}", "--resume=True", check=False), "ckpt.pt", "unreadable")
+
+
+def test_role_codes_pretrain_the_decoder_and_pull_z_seg_towards_them(tmp_path):
+    """--decoder_pretrain_steps trains only SAM-2's mask decoder; --lambda_code adds z_seg's distance to the code."""
+    flags = ["--max_steps=3", "--save_every=3", "--sam2_pretrain_frac=1", "--seed=2"]
+    run_train(*flags, f"--out_dir={tmp_path / 'plain'}")
+    run_train(*flags, "--decoder_pretrain_steps=4", "--lambda_code=1", f"--out_dir={tmp_path / 'code'}")
+    plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"]
+    code = torch.load(tmp_path / "code" / "ckpt.pt", weights_only=True)["model"]
+    moved = {k for k in plain if not torch.equal(plain[k], code[k])}
+    assert any(".sam_mask_decoder." in k for k in moved)
+    encoder = [k for k in plain if ".image_encoder." in k]
+    assert encoder and not moved & set(encoder)  # the same encoder pretraining, frozen through both
+    rows = [json.loads(line) for line in open(tmp_path / "code" / "log.jsonl")]
+    for r in rows:  # Eq. 5 from scratch (BCE and Dice 1:1, the default lambdas) plus the code term, weight 1
+        eq5 = r["lm"] + r["bce"] + r["dice"] + r["ramp"] * (0.1 * r["tmc"] + 0.05 * r["bound"])
+        assert r["code"] > 0 and abs(r["loss"] - eq5 - r["code"]) < 1e-4 * r["loss"]
+    assert all("code" not in json.loads(line) for line in open(tmp_path / "plain" / "log.jsonl"))
 
 
 def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_path):
