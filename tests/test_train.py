@@ -109,6 +109,9 @@ def test_role_codes_pretrain_the_decoder_and_pull_z_seg_towards_them(tmp_path):
         eq5 = r["lm"] + r["bce"] + r["dice"] + r["ramp"] * (0.1 * r["tmc"] + 0.05 * r["bound"])
         assert r["code"] > 0 and abs(r["loss"] - eq5 - r["code"]) < 1e-4 * r["loss"]
     assert all("code" not in json.loads(line) for line in open(tmp_path / "plain" / "log.jsonl"))
+    report = json.load(open(tmp_path / "code" / "decoder_pretrain.json"))
+    assert report["steps"] == 4 and set(report["held_out_iou"]) == set(data.IMAGE_KINDS)
+    assert all(0 <= iou <= 100 for iou in report["held_out_iou"].values())
 
 
 def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_path):
