@@ -169,6 +169,11 @@ def role_code(expr, width):
     return code
 
 
+def role_codes(exprs, width):
+    """role_code of each expression -> (len(exprs), width)."""
+    return torch.stack([role_code(expr, width) for expr in exprs])
+
+
 IMAGE_KINDS = ("attribute", "relation", "comparative")  # expression kinds of generated images (videos: "motion")
 
 

@@ -475,7 +475,7 @@ def role_codes(batch, width, device):
     if len(batch["seg_exprs"]) != len(batch["seg_index"]):
         raise ValueError(f"--lambda_code: {len(batch['seg_index'])} [SEG] tokens but {len(batch['seg_exprs'])} expressions; "
                          "role codes need one generated expression per [SEG]")
-    return torch.stack([data.role_code(expr, width) for expr in batch["seg_exprs"]]).to(device)
+    return data.role_codes(batch["seg_exprs"], width).to(device)
 
 
 def role_code_pass(grounding, scene, sam_size, device):
@@ -484,7 +484,7 @@ def role_code_pass(grounding, scene, sam_size, device):
     with torch.no_grad():
         embed = grounding.encode_image(salma.sam_pixels(scene["frames"][:1], sam_size).to(device))
     n = len(scene["exprs"])
-    codes = torch.stack([data.role_code(expr, grounding.width) for expr in scene["exprs"]]).to(device)  # (n, C)
+    codes = data.role_codes(scene["exprs"], grounding.width).to(device)  # (n, C)
     low = grounding.decode(embed["image_embed"].expand(n, -1, -1, -1),
                            [f.expand(n, -1, -1, -1) for f in embed["high_res_feats"]], codes)[:, 0]
     return low, losses.resize_gt(scene["masks"][:, 0], low.shape[-2:]).to(device)
