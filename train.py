@@ -507,8 +507,9 @@ def pretrain_sam2_decoder(model, cfg, device):
     """Teach SAM-2's mask decoder to find each expression's target from its data.role_code; returns what it reached.
 
     From scratch the LLM's z_seg keeps little but the target's shape, and the decoder does not learn relations
-    from it; prompted by a code that names each word with its role, it learns them within ~1000 steps at
-    lr 3e-3 (README: What the testbed shows). The main run then pulls z_seg to the same code (--lambda_code).
+    from it; prompted by a code that names each word with its role, it can learn them within ~1000 steps at
+    lr 3e-3, but whether it does hangs on the random draw of its output-token embeddings (seed 1's fails;
+    README: What the testbed shows). The main run then pulls z_seg to the same code (--lambda_code).
     The frozen encoder's embedding, 2 generated images a step (every expression), BCE + Dice, AdamW with
     a 50-step warm-up and a cosine to 0. Reports the mean IoU per expression kind on 30 held-out images.
     """
