@@ -282,16 +282,12 @@ def main(argv=None):
         if not train_cfg.resume:  # a resumed run loads the pretrained encoder with the rest
             report = pretrain_sam2_encoder(model, train_cfg, device)
             if master:
-                print(f"pretrained SAM-2's image encoder: {report}")
-                with open(os.path.join(train_cfg.out_dir, "sam2_pretrain.json"), "w") as f:
-                    json.dump(report, f, indent=1)
+                print_and_save(report, "pretrained SAM-2's image encoder", train_cfg.out_dir, "sam2_pretrain.json")
         model.grounding.sam2_model.image_encoder.requires_grad_(False)  # frozen from here on, as in Sa2VA's recipe
         if train_cfg.decoder_pretrain_steps and not train_cfg.resume:
             report = pretrain_sam2_decoder(model, train_cfg, device)
             if master:
-                print(f"pretrained SAM-2's mask decoder on role codes: {report}")
-                with open(os.path.join(train_cfg.out_dir, "decoder_pretrain.json"), "w") as f:
-                    json.dump(report, f, indent=1)
+                print_and_save(report, "pretrained SAM-2's mask decoder on role codes", train_cfg.out_dir, "decoder_pretrain.json")
     ddp_model = wrap_model(model, device, train_cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer, scheduler = make_optimizer(model, train_cfg)
     ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
@@ -468,6 +464,13 @@ def pretrain_sam2_encoder(model, cfg, device):
     with torch.no_grad():
         _, scores = encoder_pretraining_pass(grounding, heads, [held_out[i] for i in range(30)], sam_size)
     return {"steps": steps, "held_out": scores, "seconds": round(time.time() - start, 1)}
+
+
+def print_and_save(report, what, out_dir, name):
+    """Print a pretraining phase's report after `what` and write it to out_dir/name as JSON."""
+    print(f"{what}: {report}")
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def role_codes(batch, width, device):
