@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-import data
+import testbed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # name: (train.py flags, eval.py flags, trained weights used)
@@ -32,7 +32,7 @@ CONFIGS = {  # name: (train.py flags, eval.py flags, trained weights used)
     "+MBA+TMC+Bound": ([], [], "+MBA+TMC+Bound"),
     "full, MBA off at eval": (None, ["--mba=False"], "+MBA+TMC+Bound"),
 }
-KINDS = data.IMAGE_KINDS
+KINDS = testbed.IMAGE_KINDS
 
 
 def parse_args(argv=None):

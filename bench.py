@@ -23,9 +23,13 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+import checkpoint
+import common
 import losses
+import metrics
 import salma
+import testbed
+from inputs import IMG_CONTEXT, SEG, encode_turns, make_train_batch, media_placeholder
 
 
 def interleaved_times(fns, runs):
@@ -65,16 +69,16 @@ def params_m(module):
 def real_inputs(model, tok):
     """One 448 tile + a short referring question for the MLLM, one frame for SAM-2 (random pixels)."""
     cfg = model.cfg
-    media = salma.media_placeholder(1, cfg, is_video=False)
+    media = media_placeholder(1, cfg, is_video=False)
     words = "Please segment the small carrot to the left of the large one in this image."
-    ids, _, text = salma.encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media)
+    ids, _, text = encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media)
     return {"ids": ids[None], "text": text[0], "pixels": torch.randn(1, 3, cfg.image_size, cfg.image_size),
             "sam": torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)}
 
 
 def build(preset, **overrides):
     torch.manual_seed(0)
-    model, tok = salma.build_salma(salma.Config.from_preset(preset, **overrides))
+    model, tok = checkpoint.build_model(salma.Config.from_preset(preset, **overrides))
     return model.eval(), tok
 
 
@@ -85,7 +89,7 @@ def salma_pipeline(model, x):
     """Everything one referring-segmentation forward does (teacher-forced answer), as a closure."""
     def run():
         out = model.mllm(x["ids"], x["pixels"], output_hidden_states=True)
-        seg = (x["ids"][0] == model.token_ids[salma.SEG]).nonzero().flatten()
+        seg = (x["ids"][0] == model.token_ids[SEG]).nonzero().flatten()
         z_seg = model.text_hidden_fcs(out["hidden_states"][-1][0, seg])
         enc = model.grounding.encode_image(x["sam"])
         hidden = model.hidden_for_mba(out["hidden_states"])
@@ -188,10 +192,10 @@ def bench_internvl(args):
     from test_model import hf_internvl_reference
 
     torch.manual_seed(0)
-    tok, cfg, ids = salma.prepare_tokenizer(salma.Config.from_preset(args.preset if args.preset != "sa2va-1b" else "internvl2_5-1b"))
-    ours = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
+    tok, cfg, ids = checkpoint.prepare_tokenizer(salma.Config.from_preset(args.preset if args.preset != "sa2va-1b" else "internvl2_5-1b"))
+    ours = salma.InternVL(cfg, ids[IMG_CONTEXT]).eval()
     theirs = hf_internvl_reference(ours)  # transformers' default attention (SDPA) on our weights
-    media = torch.tensor(tok.encode(salma.media_placeholder(1, cfg, is_video=False)).ids)
+    media = torch.tensor(tok.encode(media_placeholder(1, cfg, is_video=False)).ids)
     words = torch.randint(0, 256, (64,))  # 64 text tokens around one 448 tile
     input_ids, pixels = torch.cat([words[:32], media, words[32:]])[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
     packed = salma.pack_linears_for_cpu(copy.deepcopy(ours))  # what eval.py runs on CPU
@@ -217,12 +221,12 @@ def bench_train(args):
         salma.set_trainable(model, "sa2va" if preset != "tiny" else "full")
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        dataset = data.SyntheticRefDataset(1000, seed=0)
+        dataset = testbed.split("train", 1000)
         steps = args.runs if preset == "tiny" else 1
         start, seen = None, 0
         for step in range(steps + 1):
             samples = [dataset[step * batch_size + i] for i in range(batch_size)]
-            batch = data.make_train_batch(samples, tok, model.cfg, list(range(batch_size)))
+            batch = make_train_batch(samples, tok, model.cfg, list(range(batch_size)))
             out = model(batch, ramp=1.0)
             loss, _ = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
             loss.backward()
@@ -242,7 +246,7 @@ def bench_train(args):
 def bench_video_memory(args):
     """Host memory while segmenting a 200-frame generated video one frame at a time (should stay flat)."""
     model, tok = build("tiny")
-    sample = data.SyntheticRefDataset(1, seed=0, video_fraction=1.0)[0]
+    sample = testbed.split("train", 1, video_fraction=1.0)[0]
     frames = [sample["frames"][t % len(sample["frames"])] for t in range(200)]  # 200 frames, inputs shared
     rss, start = {}, time.perf_counter()
     for t, _ in enumerate(salma.segment_video(model, frames.__getitem__, len(frames), sample["exprs"][0], tok, force_seg=True)):
@@ -258,26 +262,23 @@ def bench_video_memory(args):
 def bench_precision(args):
     """segment_image on generated scenes, fp32 vs bf16 on the same weights: median time and mask agreement."""
     if args.ckpt:
-        import eval as evaluate
-
-        model, tok = evaluate.load_model(args.ckpt)
+        model, tok = checkpoint.load_model(args.ckpt)
     else:
         model, tok = build(args.preset, gamma_init=1.0)  # gamma 1: MBA's path counts in the comparison
     half = copy.deepcopy(model).set_precision(torch.bfloat16)
-    scenes = data.SyntheticRefDataset(max(args.runs, 1), seed=7, video_fraction=0.0)
+    scenes = testbed.split("train", max(args.runs, 1), seed=7, video_fraction=0.0)
     samples = [scenes[i] for i in range(len(scenes)) if scenes[i]["exprs"]]
     ious = []
     for s in samples:
         a, b = (m.segment_image(s["frames"][0], s["exprs"][0], tok, force_seg=True) for m in (model, half))
-        union = (a | b).sum().item()
-        ious.append(1.0 if union == 0 else (a & b).sum().item() / union)
+        ious.append(metrics.iou(a.numpy(), b.numpy()))
     image, expr = samples[0]["frames"][0].resize((640, 480)), samples[0]["exprs"][0]
     t32, t16 = interleaved_medians([lambda m=m: m.segment_image(image, expr, tok, force_seg=True) for m in (model, half)], args.runs)
-    print(f"native bf16 matmuls on this CPU: {salma.cpu_has_native_bf16()}")
+    print(f"native bf16 matmuls on this CPU: {common.cpu_has_native_bf16()}")
     print(f"segment_image fp32 {t32:.3f} s | bf16 {t16:.3f} s ({t16 / t32:.2f}x) | mask IoU bf16 vs fp32: "
           f"mean {statistics.mean(ious):.3f}, min {min(ious):.3f} over {len(ious)} scenes")
     return {"fp32_s": t32, "bf16_s": t16, "mask_iou_mean": statistics.mean(ious), "mask_iou_min": min(ious),
-            "native_bf16": salma.cpu_has_native_bf16()}
+            "native_bf16": common.cpu_has_native_bf16()}
 
 
 def current_rss_gb():

@@ -1,8 +1,8 @@
 """
-Data: generated spatial-referring scenes (the default), readers for the official layouts, mixing.
+data: the datasets in their official layouts, the rest of Sa2VA's training mix, mixing and sampling.
 
   from data import build_dataset, build_train_mix
-  ds = build_dataset("synthetic", split="val")                      # generated, deterministic by seed
+  ds = build_dataset("synthetic", split="val")                      # generated (testbed.py), deterministic by seed
   ds = build_dataset("refcocog", root="data/", split="val")         # refer-API pickles + COCO images
   mix = build_train_mix("refcoco:4,mevis:4,revos:10", root="data/")  # the paper's repeat factors
 
@@ -18,286 +18,23 @@ import math
 import os
 import pickle
 import random
-import warnings
-import zlib
-from collections import Counter
 
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-import salma
-
-WARNINGS = Counter()  # what was skipped or truncated, by reason; printed by train.py / eval.py
-
-
-def warn_once(reason, detail):
-    """Count a handled data problem; warn the first time each reason occurs."""
-    if WARNINGS[reason] == 0:
-        warnings.warn(f"{reason}: {detail} (further cases are counted, not printed)")
-    WARNINGS[reason] += 1
-
-
-def load_image(path):
-    """An RGB PIL image, or one clear error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: image not found; check --data_root and the dataset layout (README)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+import testbed
+from common import load_image, read_json_file, sample_seed, warn_once
+from inputs import SEG_ANSWERS
 
 
 def read_json(path):
     """A dataset's JSON file; one error naming it when missing (with where to look) or malformed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; check --data_root and the dataset layout (README)")
-    return salma.read_json_file(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# generated spatial-referring scenes
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 12, "large": 24}  # half-extent in pixels
-DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
-RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}  # unit direction (x, y)
-RELATION_MARGIN = 20  # px: "a left of b" holds when a's centre is >= 20 px further left and within 45 degrees
-
-
-def relation_offset(relation, a, b):
-    """(along, across): a's centre relative to b's along the relation's direction and across it (px)."""
-    ux, uy = RELATIONS[relation]
-    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
-    return ux * dx + uy * dy, abs(uy * dx - ux * dy)
-
-
-def relation_holds(relation, a, b):
-    """Clearly true: at least RELATION_MARGIN along the direction, no more across than along."""
-    along, across = relation_offset(relation, a, b)
-    return along >= RELATION_MARGIN and across <= along
-
-
-def relation_arguable(relation, a, b):
-    """Could be read as true by a person (same side, within ~70 degrees); such scenes are not used."""
-    along, across = relation_offset(relation, a, b)
-    return along > 0 and across <= 3 * along
-
-
-def draw_shape(draw, obj, fill):
-    """Draw one object (shape, cx, cy, r) with PIL; the same call renders image and mask."""
-    cx, cy, r = obj["cx"], obj["cy"], obj["r"]
-    if obj["shape"] == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif obj["shape"] == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-
-
-def render(objects, size):
-    """(image, masks (K, H, W) bool) of non-overlapping objects on a light background."""
-    w, h = size
-    image = Image.new("RGB", size, (235, 235, 228))
-    draw = ImageDraw.Draw(image)
-    masks = []
-    for obj in objects:
-        draw_shape(draw, obj, COLOURS[obj["colour"]])
-        mask = Image.new("L", size, 0)
-        draw_shape(ImageDraw.Draw(mask), obj, 255)
-        masks.append(torch.from_numpy(np.array(mask) > 0))
-    return image, torch.stack(masks)
-
-
-def describe(obj, words):
-    """'the small red circle' with only the attribute words asked for."""
-    parts = [obj["size"] if "size" in words else "", obj["colour"] if "colour" in words else "", obj["shape"]]
-    return "the " + " ".join(p for p in parts if p)
-
-
-def objects_matching(text, objects):
-    """Indices of the objects a generated expression refers to (parsed from its words)."""
-    words = text.split()
-    if text.startswith(("the larger of the two", "the smaller of the two")):
-        colour = words[-2]
-        group = [i for i, o in enumerate(objects) if o["colour"] == colour]
-        if len(group) != 2 or objects[group[0]]["size"] == objects[group[1]]["size"]:
-            return []
-        want = "large" if words[1] == "larger" else "small"
-        return [i for i in group if objects[i]["size"] == want]
-    for relation in RELATIONS:
-        if f" {relation} " in text:
-            head, anchor_text = text.split(f" {relation} ")
-            anchors = objects_matching(anchor_text, objects)
-            if len(anchors) != 1:
-                return []
-            anchor = objects[anchors[0]]
-            heads = [i for i in objects_matching(head, objects) if i != anchors[0]]
-            if any(relation_arguable(relation, objects[i], anchor) and not relation_holds(relation, objects[i], anchor) for i in heads):
-                return []  # a borderline candidate makes the expression ambiguous
-            return [i for i in heads if relation_holds(relation, objects[i], anchor)]
-    if " moving " in text:
-        head, direction = text.split(" moving ")
-        return [i for i in objects_matching(head, objects) if objects[i].get("direction") == direction]
-    wanted = {w for w in words if w in SIZES or w in COLOURS or w in SHAPES}
-    return [i for i, o in enumerate(objects) if wanted <= {o["size"], o["colour"], o["shape"]} and words[-1] in SHAPES]
-
-
-ROLE_SWITCH_WORDS = ("left", "right", "above", "below")  # a relation's (or motion's) direction: its anchor follows
-ROLE_SKIPPED_WORDS = ("the", "of", "two")
-
-
-def role_code(expr, width):
-    """A fixed random code (width,) of a generated expression, the sum of one vector per (word, part).
-
-    Part 0 holds the words before a direction word ("the square"), part 1 the direction and the words after
-    it ("left of the blue triangle"), so a word says which role it plays. Each vector is N(0, 8.4^2 / width)
-    per channel (|v| about 8.4, SAM-2's prompt-token scale), drawn from a seed of the word and its part:
-    the same in every process. train.py's decoder pretraining prompts SAM-2's decoder with it, and
-    --lambda_code pulls z_seg towards it (README: What the testbed shows).
-    """
-    code, part = torch.zeros(width), 0
-    for word in expr.split():
-        part = 1 if word in ROLE_SWITCH_WORDS else part
-        if word not in ROLE_SKIPPED_WORDS:
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{part}:{word}".encode()))
-            code += torch.randn(width, generator=generator) * 8.4 / width ** 0.5
-    return code
-
-
-def role_codes(exprs, width):
-    """role_code of each expression -> (len(exprs), width)."""
-    return torch.stack([role_code(expr, width) for expr in exprs])
-
-
-IMAGE_KINDS = ("attribute", "relation", "comparative")  # expression kinds of generated images (videos: "motion")
-
-
-def expression_kind(text):
-    """What a generated expression asks to resolve: 'attribute', 'relation', 'comparative' or 'motion'."""
-    if " moving " in text:
-        return "motion"
-    if " of the two " in text:
-        return "comparative"
-    if any(f" {relation} " in text for relation in RELATIONS):
-        return "relation"
-    return "attribute"
-
-
-def pick_expression(objects, target, rng, video, kinds=None):
-    """An expression that picks out exactly the target; the kind (attribute, relation, comparative) first.
-
-    kinds: the kinds allowed (None = all; the ladder tests train on one kind at a time).
-    """
-    obj = objects[target]
-    if video:
-        texts = {"motion": [describe(obj, w) + f" moving {obj['direction']}" for w in ((), ("colour",), ("size", "colour"))]}
-    else:
-        texts = {"attribute": [describe(obj, w) for w in ((), ("colour",), ("size",), ("size", "colour"))],
-                 "relation": [f"{describe(obj, ())} {relation} {describe(anchor, w)}"
-                              for anchor in objects for relation in RELATIONS for w in (("colour",), ("size", "colour"))],
-                 "comparative": [f"the {'larger' if obj['size'] == 'large' else 'smaller'} of the two {obj['colour']} shapes"]}
-    choices = [[t for t in group if objects_matching(t, objects) == [target]] for kind, group in texts.items()
-               if kinds is None or kind in kinds]
-    choices = [group for group in choices if group]
-    return rng.choice(rng.choice(choices)) if choices else None
-
-
-class SyntheticRefDataset(torch.utils.data.Dataset):
-    """Generated scenes of shapes with distractors; sample i is a pure function of (seed, i)."""
-
-    def __init__(self, num_samples=10_000, image_size=(192, 192), seed=0, video_fraction=0.25, num_frames=5,
-                 max_exprs=3, twins=False, kinds=None):
-        self.num_samples, self.size, self.seed = num_samples, image_size, seed
-        self.video_fraction, self.num_frames, self.max_exprs = video_fraction, num_frames, max_exprs
-        self.twins = twins  # the distractor split: a small target beside a large twin (see twin_expression)
-        self.kinds = kinds  # expression kinds allowed (None = all), see pick_expression
-
-    def __len__(self):
-        return self.num_samples
-
-    def place(self, rng, video):
-        """3-6 objects that never overlap (in any frame of a video); with twins, the first two are a small
-        object and a large one of the same colour and shape."""
-        w, h = self.size
-        objects, wanted = [], rng.randint(3, 6)
-        for _ in range(200):
-            if len(objects) == wanted:
-                break
-            size = rng.choice(list(SIZES))
-            if self.twins and len(objects) < 2:
-                size = ("small", "large")[len(objects)]
-            r = SIZES[size]
-            direction = rng.choice(list(DIRECTIONS)) if video else None
-            speed = rng.randint(3, 6) if video else 0
-            steps = self.num_frames - 1 if video else 0
-            dx, dy = DIRECTIONS[direction] if video else (0, 0)
-            x0, y0 = rng.randint(r + 1, w - r - 2), rng.randint(r + 1, h - r - 2)
-            x1, y1 = x0 + dx * speed * steps, y0 + dy * speed * steps
-            if not (r < x1 < w - r - 1 and r < y1 < h - r - 1):
-                continue
-            obj = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": size, "r": r,
-                   "cx": x0, "cy": y0, "direction": direction, "speed": speed}
-            if self.twins and len(objects) == 1:
-                obj.update(shape=objects[0]["shape"], colour=objects[0]["colour"])
-            if all(not paths_touch(obj, o, steps) for o in objects):
-                objects.append(obj)
-        return objects
-
-    @staticmethod
-    def twin_expression(objects):
-        """The distractor split's one expression: the small object by size and colour (its large twin
-        is the more salient look-alike), or none when another object also fits."""
-        text = describe(objects[0], ("size", "colour"))
-        return ([text], [0]) if objects_matching(text, objects) == [0] else ([], [])
-
-    def expressions(self, objects, rng, video):
-        """Up to max_exprs (expression, target index) pairs, targets in random order."""
-        order = list(range(len(objects)))
-        rng.shuffle(order)
-        exprs, targets = [], []
-        for i in order:
-            text = pick_expression(objects, i, rng, video, self.kinds)
-            if text and len(exprs) < self.max_exprs:
-                exprs.append(text)
-                targets.append(i)
-        return exprs, targets
-
-    def __getitem__(self, index):
-        rng = random.Random(self.seed * 1_000_003 + index)
-        video = rng.random() < self.video_fraction
-        exprs = []
-        while not exprs:  # a scene where no object can be singled out is drawn again
-            objects = self.place(rng, video)
-            exprs, targets = self.twin_expression(objects) if self.twins else self.expressions(objects, rng, video)
-        frames, masks = [], []
-        for t in range(self.num_frames if video else 1):
-            moved = [moved_object(o, t) for o in objects]
-            image, object_masks = render(moved, self.size)
-            frames.append(image)
-            masks.append(object_masks[targets])
-        return {"id": f"synthetic-{self.seed}-{index}", "frames": frames, "exprs": exprs,
-                "masks": torch.stack(masks, dim=1), "is_video": video, "conversation": None,
-                "objects": objects, "targets": targets}
-
-
-def moved_object(obj, t):
-    """The object at frame t of a video (linear motion)."""
-    dx, dy = DIRECTIONS[obj["direction"]] if obj["direction"] else (0, 0)
-    return {**obj, "cx": obj["cx"] + dx * obj["speed"] * t, "cy": obj["cy"] + dy * obj["speed"] * t}
-
-
-def paths_touch(a, b, steps):
-    """Whether two objects come within 3 px of each other's bounding boxes in any frame."""
-    for t in range(steps + 1):
-        ma, mb = moved_object(a, t), moved_object(b, t)
-        if abs(ma["cx"] - mb["cx"]) <= ma["r"] + mb["r"] + 3 and abs(ma["cy"] - mb["cy"]) <= ma["r"] + mb["r"] + 3:
-            return True
-    return False
+        raise FileNotFoundError(f"{path}: not found; check --data_root and the dataset layout (docs/data.md)")
+    return read_json_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +142,7 @@ class VideoRefDataset(torch.utils.data.Dataset):
                     "is_video": True, "conversation": None}
         if item["masks"] is None:
             raise ValueError(f"{item['id']}: this split has no ground-truth masks; it cannot be used for training")
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sample_seed(self.seed, index))
         n = len(item["frame_paths"])
         chosen = sorted(rng.sample(range(n), min(self.num_frames, n)))
         frames = [load_image(item["frame_paths"][t]) for t in chosen]
@@ -416,7 +153,7 @@ class VideoRefDataset(torch.utils.data.Dataset):
 def frame_size(path):
     """(H, W) of an image, read from its header."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: image not found; check --data_root and the dataset layout (README)")
+        raise FileNotFoundError(f"{path}: image not found; check --data_root and the dataset layout (docs/data.md)")
     with Image.open(path) as image:
         return image.height, image.width
 
@@ -594,9 +331,9 @@ def build_dataset(name, root="", split="", train=False, seed=0, num_samples=None
         raise ValueError(f"unknown dataset {name!r}; choose {', '.join([*EVAL_SPLITS, *MIX_NAMES])}")
     if name in ("synthetic", "synthetic_images"):  # synthetic_images: no videos (a quarter are videos otherwise)
         n = num_samples or (10_000 if train else 200)
-        return SyntheticRefDataset(n, seed=seed if train else seed + 10_000, video_fraction=0.25 if name == "synthetic" else 0.0)
+        return testbed.split("train" if train else "val", n, seed, video_fraction=0.25 if name == "synthetic" else 0.0)
     if not root or not os.path.isdir(root):
-        raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (README: Data)")
+        raise FileNotFoundError(f"--data_root {root!r} is not a directory; {name} needs its files there (docs/data.md)")
     if name in MIX_NAMES:  # training sets only
         return build_mix_dataset(name, root, seed)
     split = split or ("train" if train else EVAL_SPLITS[name])
@@ -616,7 +353,7 @@ def build_dataset(name, root="", split="", train=False, seed=0, num_samples=None
 def read_video_frames(path, indices):
     """RGB PIL frames at the given decode-order indices of a video file (PyAV), or one clear error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (README)")
+        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (docs/data.md)")
     wanted, got, count = set(indices), {}, 0
     try:
         with av.open(path) as container:
@@ -635,7 +372,7 @@ def read_video_frames(path, indices):
 def count_video_frames(path):
     """Number of frames of a video file (from the stream header, else by counting packets)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (README)")
+        raise FileNotFoundError(f"{path}: video not found; check --data_root and the dataset layout (docs/data.md)")
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -764,7 +501,7 @@ class GCGDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rec = self.records[index]
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sample_seed(self.seed, index))
         image = load_image(os.path.join(self.image_dir, rec["image"]))
         masks = torch.stack([coco_mask(parts, image.height, image.width) for _, _, parts in rec["phrases"]])
         answer = tag_caption(rec["caption"], [(s, e) for s, e, _ in rec["phrases"]])
@@ -840,7 +577,7 @@ class SAVDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         entry = self.videos[self.ids[index]]
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sample_seed(self.seed, index))
         video_path, anno_path = sav_paths(self.video_dir, entry)
         masklet = read_json(anno_path)["masklet"]  # per annotated frame, one RLE per object
         objects = [rng.choice(list(entry["objects"])) for _ in range(self.num_objects)]
@@ -929,7 +666,7 @@ class OspreyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rec = self.records[index]
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sample_seed(self.seed, index))
         paths = [os.path.join(d, rec["file_name"]) for d in self.image_dirs]
         image = load_image(next((p for p in paths if os.path.isfile(p)), paths[0]))
         h, w = rec["height"], rec["width"]
@@ -962,7 +699,7 @@ class VideoChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rec = self.records[index]
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sample_seed(self.seed, index))
         path = os.path.join(self.video_dir, rec["video"])
         if not os.path.isfile(path) and os.path.isfile(path.replace("mkv", "mp4")):
             path = path.replace("mkv", "mp4")  # as Sa2VA
@@ -1083,120 +820,3 @@ def batch_iterator(dataset, sampler, batch_size):
     while True:
         indices = [next(stream) for _ in range(batch_size)]
         yield [dataset[i] for i in indices], indices
-
-
-# ---------------------------------------------------------------------------------------------
-# training batches: samples -> the tensors SALMA.forward reads, deterministic per sample seed
-
-SEG_QUESTIONS = [
-    "Can you segment the {} in this image?",
-    "Please segment {} in this image.",
-    "What is {} in this image? Please respond with segmentation mask.",
-    "What is {} in this image? Please output segmentation mask.",
-]
-SEG_ANSWERS = ["It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
-
-
-def sample_turns(sample, rng):
-    """Chat turns of a sample: its own turns, its LLaVA conversation, or one question/answer per expression."""
-    if sample.get("turns"):
-        return sample["turns"]
-    if sample.get("conversation"):
-        conv = sample["conversation"]
-        return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
-    turns = [(rng.choice(SEG_QUESTIONS).format(expr), rng.choice(SEG_ANSWERS)) for expr in sample["exprs"]]
-    if turns:
-        turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
-    return turns
-
-
-def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
-    """Tensors for SALMA.forward from a list of samples (frames, exprs or turns, masks, is_video).
-
-    The k-th [SEG] of a sample answers its k-th mask (one per expression, or one per phrase of a
-    grounded caption). A conversation longer than max_tokens is cut at a turn boundary (counted).
-    Samples with prompt_masks (n, H, W) get Sa2VA's region prompt after their image.
-    """
-    pad_id = tokenizer.token_to_id("<|endoftext|>")
-    seg_id = tokenizer.token_to_id(salma.SEG)
-    low_res = cfg.sam_image_size // 4
-    ids, labels, pixels, sam_frames, context_index = [], [], [], [], []
-    seg_index, seg_text, pair_seg, pair_frame, pair_masks = [], [], [], [], []
-    for row, (sample, seed) in enumerate(zip(samples, seeds)):
-        rng = random.Random(seed)
-        frames = sample["frames"][: cfg.video_frames] if sample["is_video"] else sample["frames"][:1]
-        media = ""  # text-only chat (LLaVA records without an image)
-        if frames:
-            tiles = salma.mllm_pixels(frames, cfg, sample["is_video"])
-            media = salma.media_placeholder(tiles.shape[0], cfg, sample["is_video"])
-            grid = salma.region_grid_masks(sample["prompt_masks"], cfg) if sample.get("prompt_masks") is not None else None
-            if grid is not None:
-                media += salma.region_prompt(grid)
-            first_tile = sum(len(p) for p in pixels)
-            context_index.append(salma.region_context_index(tiles.shape[0], cfg.num_image_tokens, grid, first_tile))
-            pixels.append(tiles)
-        encoded = salma.encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
-        row_ids, row_labels, text_masks = cut_to_fit(encoded, tokenizer, cfg.system_prompt, max_tokens, sample["id"])
-        first_frame = len(sam_frames)
-        sam_frames.extend(frames)
-        positions = (row_ids == seg_id).nonzero().flatten()
-        if len(positions) > sample["masks"].shape[0]:
-            raise ValueError(f"{sample['id']}: {len(positions)} [SEG] tokens for {sample['masks'].shape[0]} masks")
-        turn_of = turn_index(row_ids, tokenizer, cfg.system_prompt)
-        for k, pos in enumerate(positions.tolist()):  # the k-th [SEG] answers the k-th mask
-            seg_index.append((row, pos))
-            seg_text.append(text_masks[turn_of[pos]])  # the words of the question it answers
-            for t in range(len(frames)):
-                pair_seg.append(len(seg_index) - 1)
-                pair_frame.append(first_frame + t)
-                pair_masks.append(torch.nn.functional.interpolate(sample["masks"][k, t][None, None].float(), size=(low_res, low_res), mode="nearest")[0, 0])
-        ids.append(row_ids)
-        labels.append(row_labels)
-    length = max(len(x) for x in ids)
-    batch = {
-        "input_ids": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=pad_id) for x in ids]),
-        "labels": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=-100) for x in labels]),
-        "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "sam_images": salma.sam_pixels(sam_frames, cfg.sam_image_size) if sam_frames else torch.zeros(0, 3, cfg.sam_image_size, cfg.sam_image_size),
-        "seg_index": torch.tensor(seg_index, dtype=torch.long).reshape(-1, 2),
-        "seg_text": torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for m in seg_text]) if seg_text else torch.zeros(0, length, dtype=torch.bool),
-        "pair_seg": torch.tensor(pair_seg, dtype=torch.long),
-        "pair_frame": torch.tensor(pair_frame, dtype=torch.long),
-        "pair_masks": torch.stack(pair_masks) if pair_masks else torch.zeros(0, low_res, low_res),
-        "seg_exprs": [expr for sample in samples for expr in sample.get("exprs") or []],  # generated data: one per [SEG]
-    }
-    if any(s.get("prompt_masks") is not None for s in samples):  # else every image token once, in order
-        batch["context_index"] = torch.cat(context_index)
-    return batch
-
-
-def turn_starts(ids, tokenizer, system_prompt):
-    """Positions (n_turns,) where each user turn begins (its <|im_start|>)."""
-    starts = (ids == tokenizer.token_to_id("<|im_start|>")).nonzero().flatten()
-    return starts[(1 if system_prompt else 0)::2].contiguous()  # user, assistant, user, ... after the system turn
-
-
-def turn_index(ids, tokenizer, system_prompt):
-    """The turn each token belongs to (L,), 0-based (the system prompt counts as turn 0)."""
-    starts = turn_starts(ids, tokenizer, system_prompt)
-    return (torch.searchsorted(starts, torch.arange(len(ids)), right=True) - 1).clamp_min(0)
-
-
-def cut_to_fit(encoded, tokenizer, system_prompt, max_tokens, sample_id):
-    """Drop whole turns from the end of (ids, labels, text_masks) until it fits max_tokens (counted).
-
-    The first turn is always kept (it holds the image); if it alone is too long, it is kept whole
-    and counted as such.
-    """
-    ids, labels, text_masks = encoded
-    if len(ids) <= max_tokens:
-        return encoded
-    starts = turn_starts(ids, tokenizer, system_prompt).tolist() + [len(ids)]
-    keep = max([n for n in range(1, len(starts)) if starts[n] <= max_tokens], default=1)
-    if starts[keep] > max_tokens:
-        warn_once("first turn longer than the context, kept whole", f"{sample_id}: {starts[keep]} > {max_tokens} tokens")
-    else:
-        warn_once("conversation cut at a turn boundary to fit the context", f"{sample_id}: {len(ids)} > {max_tokens} tokens")
-    end = starts[keep]
-    return ids[:end], labels[:end], text_masks[:keep, :end]

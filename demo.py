@@ -6,10 +6,10 @@ Segment your own image or video with a sentence, or ask the model a question abo
   python demo.py --ckpt out/tiny --video frames/ --text "the dog running left"     # a folder of frames or an animated GIF
   python demo.py --ckpt out/tiny --image photo.jpg --text "What is on the table?"  # a question: prints the answer
 
---ckpt is an official Sa2VA directory, an exported SALMA one, or a train.py --out_dir. The answer is
+--ckpt is a train.py --out_dir (default out/tiny), an official Sa2VA directory or an exported SALMA one. The answer is
 printed; when it holds [SEG], the mask is written to --out_dir as an overlay PNG (magenta fill, white
 outline, the text as caption) and a 0/255 mask PNG, both of the input's size; a video gives one of each
-per frame and an animated GIF of the overlays. --compare adds the figure of eval.py --visualize.
+per frame and an animated GIF of the overlays. --compare adds the figure of eval.py --visualize (plot.compare).
 """
 
 import argparse
@@ -20,19 +20,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-import eval as ev
+import checkpoint
+import common
 import plot
 import salma
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-CKPT_HINT = ("an official Sa2VA directory (config.json, model.safetensors, tokenizer), an exported SALMA one, "
-             "or a train.py --out_dir (`python train.py` writes out/tiny)")
 
 
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="", help=f"the model: {CKPT_HINT}")
+    p.add_argument("--ckpt", default="", help=f"the model: {checkpoint.CKPT_HELP}")
     p.add_argument("--image", default="", help="an image file (JPEG, PNG, ...)")
     p.add_argument("--video", default="", help="a folder of frames (sorted by name) or an animated GIF/WebP/PNG; "
                    "for an .mp4, extract frames first: ffmpeg -i in.mp4 frames/%%05d.jpg")
@@ -40,23 +39,21 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="auto", choices=("auto", "segment", "chat"),
                    help="segment: ask Sa2VA's 'Please segment TEXT in this image.'; chat: send TEXT as written; "
                         "auto (default): chat when TEXT ends with '?', else segment")
-    p.add_argument("--mba", type=salma.parse_bool, default=None, metavar="BOOL",
+    p.add_argument("--mba", type=common.parse_bool, default=None, metavar="BOOL",
                    help="False: the Sa2VA baseline on the same weights (default: as the checkpoint)")
-    p.add_argument("--compare", type=salma.parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+    p.add_argument("--compare", type=common.parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                    help="also write figures: image | SALMA | gate G | MBA attention | baseline (mba=False) [| ground truth]")
     p.add_argument("--truth", default="", help="image only: a ground-truth mask PNG (non-zero = object) for --compare's IoU column")
-    p.add_argument("--force_seg", type=salma.parse_bool, default=False, metavar="BOOL",
+    p.add_argument("--force_seg", type=common.parse_bool, default=False, metavar="BOOL",
                    help="teacher-force the answer 'Sure, [SEG].' instead of generating (for barely trained models)")
     p.add_argument("--max_new_tokens", type=int, default=2048, help="generation stops at <|im_end|> or after this many tokens (default 2048, as Sa2VA)")
     p.add_argument("--out_dir", default="demo_out", help="where the PNGs and GIFs go (default demo_out)")
     p.add_argument("--fps", type=float, default=5.0, help="frames per second of the video GIFs (default 5)")
-    p.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="sizes not given by the checkpoint (default tiny)")
+    p.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="sizes of a --ckpt random model (default tiny)")
     p.add_argument("--device", default="", choices=("", "cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="precision (default auto: bf16 where the device computes it natively, as eval.py)")
     args = p.parse_args(argv)
-    if not args.ckpt:
-        p.exit(2, f"demo.py: pass --ckpt DIR: {CKPT_HINT}.\n")
     if bool(args.image) == bool(args.video):
         p.exit(2, "demo.py: pass exactly one of --image FILE or --video FOLDER_OR_GIF, and --text.\n")
     if not args.text.strip():
@@ -150,7 +147,7 @@ def run_image(model, tok, image, truth, args):
     """Answer about one image; overlay + mask PNG (and the comparison figure) when it says [SEG]."""
     name = os.path.splitext(os.path.basename(args.image))[0]
     if args.compare:
-        masks, maps = ev.compare(model, tok, image, args.text, **answer_options(args))
+        masks, maps = plot.compare(model, tok, image, args.text, **answer_options(args))
     else:
         maps = {}
         masks = {"mask": model.segment_image(image, args.text, tok, maps=maps, **answer_options(args))}
@@ -161,7 +158,7 @@ def run_image(model, tok, image, truth, args):
     mask = plot.as_bool(next(iter(masks.values())))
     written = [save_mask_pngs(args.out_dir, name, image, mask, args.text)]
     if args.compare:
-        fig = plot.mask_figure(image, args.text, masks, *ev.figure_maps(maps), truth=truth, subtitle=f"answer: {maps['answer']}")
+        fig = plot.mask_figure(image, args.text, masks, *plot.figure_maps(maps), truth=truth, subtitle=f"answer: {maps['answer']}")
         written.append(plot.save_figure(fig, os.path.join(args.out_dir, f"{name}_compare.png")))
     print(f"mask: {int(mask.sum())} pixels ({100 * mask.mean():.1f}% of the image)")
     for path in written:
@@ -192,11 +189,11 @@ def run_video(model, tok, names, frames, args):
     written = [folder + os.sep, save_gif(overlays, os.path.join(args.out_dir, f"{stem}.gif"), args.fps)]
     if args.compare:
         columns = {"SALMA": masks} if model.cfg.mba else {}
-        with ev.as_baseline(model):
+        with model.as_baseline():
             columns["baseline (mba=False)"] = video_masks(model, tok, frames, args)[1]
         figures = []
         for t, (n, frame) in enumerate(zip(names, frames)):
-            gate, attention = ev.figure_maps(per_frame[t]) if per_frame else (None, None)
+            gate, attention = plot.figure_maps(per_frame[t]) if per_frame else (None, None)
             fig = plot.mask_figure(frame, args.text, {k: v[t] for k, v in columns.items()}, gate, attention,
                                    subtitle=f"frame {n} | answer: {answer}")
             figures.append(plot.save_figure(fig, os.path.join(folder, f"{n}_compare.png")))
@@ -217,7 +214,7 @@ def main(argv=None):
         else:
             names, frames = read_video(args.video)
         overrides = {} if args.mba is None else {"mba": args.mba}
-        model, tok = ev.load_model(args.ckpt, args.preset, device, args.dtype, **overrides)
+        model, tok = checkpoint.model_from_flags(args.ckpt, args.preset, device, args.dtype, **overrides)
         if device.type == "cpu":
             salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
         with torch.inference_mode():

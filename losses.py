@@ -17,7 +17,6 @@ class LossConfig:
     lambda_tmc: float = 0.1  # weight of the text-mask contrastive loss (Eq. 3); 0 = off
     lambda_bound: float = 0.05  # weight of the Sobel boundary loss (Eq. 4); 0 = off
     tau_tmc: float = 0.15  # temperature of the TMC loss (the authors' code)
-    lambda_code: float = 0.0  # weight of the MSE pulling z_seg to data.role_code of its expression (generated data from scratch, with train.py --decoder_pretrain_steps); 0 = off
     ramp_frac: float = 0.05  # auxiliary losses and gamma rise 0 -> 1 over this fraction of steps
     point_sampling: bool = False  # Sa2VA: BCE/Dice on 12,544 uncertainty-sampled points
 
@@ -138,12 +137,9 @@ def ramp(step, total_steps, frac=0.05):
 
 
 def total_loss(parts, cfg, ramp_value):
-    """Eq. 5: lm + w_bce*bce + w_dice*dice + ramp*(lambda_tmc*tmc + lambda_bound*bound), + lambda_code*code where
-    parts hold the testbed's role-code term; returns (loss, floats)."""
+    """Eq. 5: lm + w_bce*bce + w_dice*dice + ramp*(lambda_tmc*tmc + lambda_bound*bound); returns (loss, floats)."""
     loss = parts["lm"] + cfg.w_bce * parts["bce"] + cfg.w_dice * parts["dice"]
     loss = loss + ramp_value * (cfg.lambda_tmc * parts["tmc"] + cfg.lambda_bound * parts["bound"])
-    if "code" in parts:
-        loss = loss + cfg.lambda_code * parts["code"]
     logs = {k: float(v.detach()) for k, v in parts.items()}
     logs["loss"] = float(loss.detach())
     return loss, logs
@@ -160,10 +156,7 @@ def salma_loss_parts(out, batch, cfg):
     z_v, keep = pool_mask_features(out["tmc_feats"], gt)  # (P, C) per (mask, frame) pair
     z_v, has_mask = mean_per_seg(z_v, keep, batch["pair_seg"], out["z_seg"].shape[0])
     tmc = tmc_loss(z_v[has_mask], out["z_seg"][has_mask], cfg.tau_tmc)
-    parts = {"lm": lm, "bce": bce, "dice": dice, "tmc": tmc, "bound": boundary_loss(logits, gt)}
-    if "seg_codes" in batch:  # --lambda_code: z_seg (N_seg, C) against each expression's role code
-        parts["code"] = F.mse_loss(out["z_seg"], batch["seg_codes"].to(out["z_seg"].dtype))
-    return parts
+    return {"lm": lm, "bce": bce, "dice": dice, "tmc": tmc, "bound": boundary_loss(logits, gt)}
 
 
 def mean_per_seg(z_pairs, keep, pair_seg, num_segs):

@@ -8,6 +8,7 @@ paint_mask()   one mask on its image: a magenta fill and a white outline edged i
 mask_figure()  labelled columns  image | SALMA | gate G | MBA attention | baseline | ground truth, the
                expression and each mask's IoU in the title, colour bars for G and the attention.
                eval.py --visualize and demo.py --compare.
+compare()      SALMA's mask, its maps and the --mba=False baseline's mask on one image (for mask_figure).
 plot_log()     curves.png next to a train.py log.jsonl (train.py writes it at every checkpoint).
 """
 
@@ -18,9 +19,10 @@ import textwrap
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+import metrics
 
 FILL = np.array([255, 0, 255])  # magenta: none of the generated scenes' colours, distinct on all of them
 FILL_ALPHA = 0.45
@@ -37,15 +39,9 @@ def as_bool(mask):
     return (mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)).astype(bool)
 
 
-def dilate(mask, radius):
-    """Binary dilation of a (H, W) bool array by a (2r+1)^2 square."""
-    x = torch.from_numpy(mask)[None, None].float()
-    return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)[0, 0].bool().numpy()
-
-
 def boundary_band(mask, radius):
     """Pixels within radius of the mask's boundary, inside or outside (dilation minus erosion)."""
-    return dilate(mask, radius) & dilate(~mask, radius)
+    return metrics.dilate(mask, radius) & metrics.dilate(~mask, radius)
 
 
 def paint_mask(image, mask, caption=None):
@@ -80,12 +76,6 @@ def draw_caption(image, text):
 # labelled columns: image | masks | gate | attention | ground truth
 
 
-def iou(pred, truth):
-    """IoU of two bool masks (1 when both are empty)."""
-    inter, union = (pred & truth).sum(), (pred | truth).sum()
-    return 1.0 if union == 0 else float(inter / union)
-
-
 def mask_figure(image, expression, masks, gate=None, attention=None, truth=None, subtitle=None):
     """Figure: image | each mask (gate G and MBA attention after the first) | ground truth, labelled.
 
@@ -103,7 +93,7 @@ def mask_figure(image, expression, masks, gate=None, attention=None, truth=None,
     for i, (label, mask) in enumerate(masks.items()):
         mask = as_bool(mask)
         if truth is not None:
-            scores.append(f"{label} {iou(mask, truth):.2f}")
+            scores.append(f"{label} {metrics.iou(mask, truth):.2f}")
         columns.append((label, lambda ax, m=mask: ax.imshow(paint_mask(image, m)), None))
         if i == 0 and gate is not None:
             columns.append(("gate G (pre-pass)", *heat(gate, w, h)))
@@ -148,6 +138,33 @@ def save_figure(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# SALMA next to the --mba=False baseline on the same weights (eval.py --visualize, demo.py --compare)
+
+
+def figure_maps(maps):
+    """(gate G (h, w), MBA attention on the router's top-ranked word (h, w)) of a segmentation's maps."""
+    if "gate" not in maps:
+        return None, None  # the baseline: no MBA
+    gate = maps["gate"][0, 0]
+    attention = maps["attention"][-1][0, :, 0].reshape(gate.shape)  # (hw, K): TopK sorts, word 0 scores highest
+    return gate, attention
+
+
+def compare(model, tok, image, expr, **options):
+    """({"SALMA": mask, "baseline (mba=False)": mask}, SALMA's maps) on one image; a baseline model gives one mask.
+
+    options: segment_image's force_seg, max_new_tokens and question.
+    """
+    maps = {}
+    mask = model.segment_image(image, expr, tok, maps=maps, **options)
+    if not model.cfg.mba:
+        return {"baseline (mba=False)": mask}, maps
+    with model.as_baseline():
+        baseline = model.segment_image(image, expr, tok, **options)
+    return {"SALMA": mask, "baseline (mba=False)": baseline}, maps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ and of the image tokens the LLM reads.
 
   python probe.py --ckpt out/tiny              # the target's colour / shape / size / place read from z_seg, F_v and the image tokens
 
-On generated scenes (a split of their own, seed 20000), for every expression the answer "Sure, [SEG]." is
+On generated scenes (testbed.py's held-out split: the scenes whose SAM-2 pretraining report train.py prints), for every expression the answer "Sure, [SEG]." is
 teacher-forced and three features recorded: z_seg, the prompt the LLM hands to SAM-2; F_v at the target,
 SAM-2's image embedding averaged over the target's mask (what the decoder has to find); and the LLM's image
 token at the target (after mlp1, the token over its centre: what the LLM can fetch). One logistic
@@ -27,22 +27,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
-import eval as ev
+import checkpoint
 import losses
-import salma
+import testbed
+from inputs import mllm_pixels, sam_pixels
 
 GRID = 4  # column and row of the target's centre in a GRID x GRID grid of the image (the tiny LLM's 16 image tokens)
-ATTRIBUTES = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "size": list(data.SIZES),
+ATTRIBUTES = {"colour": list(testbed.COLOURS), "shape": list(testbed.SHAPES), "size": list(testbed.SIZES),
               "column": list(range(GRID)), "row": list(range(GRID))}
-KINDS = data.IMAGE_KINDS
-PROBE_SEED = 20_000  # scene seed: apart from training (train.py's --seed) and eval.py's val split (10000)
+KINDS = testbed.IMAGE_KINDS
 
 
 def parse_args(argv=None):
     """Parse the probe's flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="", help="train.py --out_dir or official-layout directory (default '': a random tiny model, seeded)")
+    p.add_argument("--ckpt", default="", help=checkpoint.CKPT_HELP + " (a random model is seeded: the same every run)")
     p.add_argument("--num_samples", type=int, default=300, help="generated scenes to probe, 3 expressions each at most (default 300)")
     p.add_argument("--train_frac", type=float, default=0.7, help="fraction of the expressions the regressions are fit on; the rest are scored (default 0.7)")
     p.add_argument("--steps", type=int, default=500, help="full-batch Adam steps per logistic regression (default 500)")
@@ -58,7 +57,7 @@ def parse_args(argv=None):
 @torch.inference_mode()
 def target_features(model, frame, masks):
     """F_v at each target: SAM-2's image embedding (1, C, h, w) averaged over each mask of masks (E, H, W) -> (E, C)."""
-    pixels = salma.sam_pixels([frame], model.cfg.sam_image_size).to(model.device)
+    pixels = sam_pixels([frame], model.cfg.sam_image_size).to(model.device)
     image_embed = model.grounding.encode_image(pixels)["image_embed"].float()
     pooled, _ = losses.pool_mask_features(image_embed.expand(len(masks), -1, -1, -1), masks)
     return pooled
@@ -73,7 +72,7 @@ def centre_cell(obj, image_size, side):
 def image_token_at(model, frame, objects):
     """The LLM's image token (after mlp1) over each object's centre, on the image's last tile (the thumbnail or the
     only tile, which show the whole image) -> (E, D)."""
-    pixels = salma.mllm_pixels([frame], model.cfg, is_video=False).to(model.device)
+    pixels = mllm_pixels([frame], model.cfg, is_video=False).to(model.device)
     tokens = model.mllm.extract_feature(pixels)[-1].float()  # (g*g, D), row-major on the tile's g x g token grid
     side = int(len(tokens) ** 0.5)
     cells = [centre_cell(o, frame.size, side) for o in objects]
@@ -108,7 +107,7 @@ def collect(model, tokenizer, dataset, quiet=False):
             z_segs.append(z_seg_of(model, tokenizer, sample["frames"], expr))
             swapped.append(z_seg_of(model, tokenizer, other["frames"], expr))
             labels.append(target_labels(sample["objects"][target], sample["frames"][0].size))
-            kinds.append(data.expression_kind(expr))
+            kinds.append(testbed.expression_kind(expr))
     features = {"z_seg": np.stack(z_segs), "F_v at the target": np.concatenate(f_vs),
                 "LLM image token at the target": np.concatenate(image_tokens)}
     features = {name: torch.from_numpy(f) for name, f in features.items()}  # plain tensors: the regressions need grad
@@ -172,9 +171,9 @@ def format_table(table):
 def main(argv=None):
     """Probe --ckpt's z_seg, F_v and image tokens; print the table and write probe.json."""
     args = parse_args(argv)
-    torch.manual_seed(0)  # --ckpt '' builds the same random model on every run
-    model, tokenizer = ev.load_model(args.ckpt)
-    dataset = data.SyntheticRefDataset(args.num_samples, seed=PROBE_SEED, video_fraction=0.0)
+    torch.manual_seed(0)  # --ckpt random builds the same random model on every run
+    model, tokenizer = checkpoint.model_from_flags(args.ckpt)
+    dataset = testbed.split("held_out", args.num_samples, video_fraction=0.0)
     features, labels, kinds, z_swapped = collect(model, tokenizer, dataset, args.quiet)
     table = probe_table(features, labels, kinds, args.train_frac, args.steps)
     reliance = round(image_reliance(features["z_seg"], z_swapped), 3)

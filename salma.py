@@ -1,32 +1,39 @@
 """
-salma: every model of the project in one file.
+salma: the models, and nothing else.
 
-  InternViT (timm) -> pixel shuffle -> mlp1 -> Qwen2 (KV cache)           the InternVL2.5 MLLM
-  SAM-2 (the sam2 package) image encoder + mask decoder + memory          the grounding part
-  pre-pass gate G, TopKRouter, MaskBiasedAttention                        SALMA's additions
+  InternViT (timm) -> pixel shuffle -> mlp1 -> Qwen2 (KV cache)          the InternVL2.5 MLLM      InternVL
+  SAM-2 (the sam2 package): image encoder, mask decoder, memory         the grounding part        SAM2Grounding
+  pre-pass gate G, Top-K router, Mask-Biased Attention                  SALMA's additions         prior_gate, TopKRouter,
+                                                                                                  MaskBiasedAttention
+  the whole: [SEG] hidden -> text_hidden_fcs -> z_seg -> SAM-2 prompt   (mba=False: Sa2VA)        SALMA, segment_video
 
-  from salma import Config, build_salma
-  model, tokenizer = build_salma(Config.from_preset("tiny"))              # random init, CPU-sized
-  model, tokenizer = build_salma(Config.from_preset("sa2va-1b"), init="ckpts/Sa2VA-1B")
+The paper in code (losses in losses.py, the loop in train.py):
+
+  Alg. 1, shared visual encoder    InternVL.extract_feature (448 tiles), SAM2Grounding.encode_image (F_v)
+  Alg. 1, LLM hidden states h^l    InternVL.forward -> Qwen2.forward (every layer; the last after the final norm)
+  Alg. 1, pre-pass, Eq. 2 left     prior_gate: the same decoder, prompt (0,0)/label -1, no grad; G = sigmoid(M / tau)
+  Eq. 1, Top-K routing             TopKRouter: s_i = MLP(t_i), keep the K best prompt words (scaled by sigmoid(s_i))
+  Eq. 2, gated residual            MaskBiasedAttention.forward: F_v + gamma * (CrossAttn(Q=F_v, KV=TopK) * G)
+  Alg. 1, MBA over layers          SALMA.refine (one block per layer of cfg.mba_layers)
+  Alg. 1, final decode             SAM2Grounding.decode(F_v', prompt = z_seg); video: segment_video (SAM-2 memory)
+
+  import checkpoint, salma
+  model, tokenizer = checkpoint.build_model(salma.Config.from_preset("tiny"))          # random init, CPU-sized
+  model, tokenizer = checkpoint.load_model("ckpts/Sa2VA-1B")                           # an official directory
 """
 
-import argparse
-import inspect
-import json
 import math
-import os
-import random
-import re
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from common import FLAG_CHOICES, autocast_for
+from inputs import (FORCED_ANSWER, IMG_CONTEXT, REGION_QUESTION, SEG, encode_turns, eval_prompt, media_placeholder,
+                    mllm_pixels, region_context_index, region_grid_masks, region_prompt, sam_pixels)
 
 # ---------------------------------------------------------------------------------------------
 # config: one flat dataclass, named presets, argparse flags generated from it
@@ -99,288 +106,6 @@ PRESETS = {
 }
 INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 PRESETS["internvl2_5-1b"]["system_prompt"] = INTERNVL_SYSTEM_PROMPT
-
-
-FLAG_CHOICES = {"recipe": ("auto", "sa2va", "full"), "mba_mode": ("gate", "film"), "tmc_source": ("post", "pre"),
-                "dtype": ("auto", "float32", "bfloat16")}
-
-
-def field_comments(cls):
-    """{field: the comment after it in cls's source}: the dataclasses document their fields there."""
-    source = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
-
-
-def add_dataclass_flags(parser, instance, title, preset=""):
-    """A --field flag per dataclass field, its help from the field's comment; with preset, the default
-    is None (= the preset's value, or the checkpoint's) and the help shows the preset's value."""
-    group = parser.add_argument_group(title)
-    comments = field_comments(type(instance))
-    for f in fields(instance):
-        value = getattr(instance, f.name)
-        kind = parse_bool if isinstance(value, bool) else type(value)
-        default = f"preset {preset}: {value!r}" if preset else f"default {value!r}"
-        extra = {"nargs": "?", "const": True} if kind is parse_bool else {}  # bare --resume means True
-        group.add_argument(f"--{f.name}", type=kind, default=None if preset else value, choices=FLAG_CHOICES.get(f.name),
-                           metavar=None if f.name in FLAG_CHOICES else ("BOOL" if kind is parse_bool else kind.__name__.upper()),
-                           help=f"{comments.get(f.name, '')} ({default})".strip(), **extra)
-
-
-def parse_bool(text):
-    """argparse type for True/False flags."""
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def dataclass_from_args(cls, args):
-    """Build cls from the parsed flags of its fields."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-def preset_overrides(args):
-    """The model flags given on the command line (the rest come from the preset or checkpoint)."""
-    return {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without it bf16 matmuls are slower than fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-BF16_CPU_MIN_WIDTH = 512  # auto: on a CPU, bf16 only pays when the matmuls are wide (see resolve_dtype)
-
-
-def resolve_dtype(choice, device, cfg):
-    """'auto' -> bf16 on CUDA, and on CPUs with native bf16 matmuls for a model whose LLM is at least
-    BF16_CPU_MIN_WIDTH wide (the 1B presets); else fp32. Or 'float32' / 'bfloat16'.
-
-    Measured on an AVX-512 BF16 CPU: a tiny-preset training step (64-128 wide matmuls) is 1.3x slower
-    in bf16 than in fp32, while 1024-wide bf16 matmuls run ~2.6x faster than fp32 ones.
-    """
-    if choice == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_has_native_bf16() and cfg.llm_hidden >= BF16_CPU_MIN_WIDTH else torch.float32
-    if choice not in DTYPES:
-        raise ValueError(f"--dtype={choice!r}: expected auto, float32 or bfloat16")
-    return DTYPES[choice]
-
-
-def autocast_for(dtype, device):
-    """bf16 autocast on device (SAM-2's fp32 inputs meet bf16 weights there), or nothing for fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer and chat template
-
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-SEG = "[SEG]"
-SA2VA_TOKENS = [SEG, "<p>", "</p>", "<vp>", "</vp>"]
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
-QWEN_PRETOKENIZE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def qwen_byte_level(model):
-    """A Qwen2-style tokenizer around a BPE model: Qwen's split regex, then byte-level."""
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(QWEN_PRETOKENIZE, behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
-
-
-# Words of the generated testbed's expressions and of the prompts (data.py, eval_prompt): the tiny
-# tokenizer gives each one token, as a real BPE vocabulary gives common words, so that a 2-layer
-# LLM reads "red circle" as two tokens rather than eleven bytes. Other text falls back to bytes.
-TINY_WORDS = ("please segment the in this image video can you what is respond with segmentation mask output "
-              "it sure result red green blue yellow circle square triangle small large larger smaller left right "
-              "of above below up down moving two shapes give me a short description region picture marked by")
-
-
-def tiny_tokenizer():
-    """Byte-level BPE whose merges spell each TINY_WORDS word (any case, with or without a leading
-    space) as one token; other text stays bytes; + the Qwen/InternVL/Sa2VA specials."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = qwen_byte_level(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    words = [v for w in TINY_WORDS.split() for v in (w, " " + w, w.capitalize(), " " + w.capitalize())]
-    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(words, trainer)  # every word occurs once: merging runs until each is one token
-    tok.add_special_tokens(QWEN_SPECIALS + SA2VA_TOKENS)
-    return tok
-
-
-def load_tokenizer(model_dir):
-    """Tokenizer of an official directory: tokenizer.json, or Qwen's vocab.json + merges.txt."""
-    path = os.path.join(model_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        try:
-            tok = Tokenizer.from_file(path)
-        except Exception as e:  # the tokenizers library's own error type
-            raise ValueError(f"{path}: unreadable tokenizer ({e})") from None
-    elif os.path.isfile(os.path.join(model_dir, "vocab.json")):
-        tok = qwen_byte_level(models.BPE.from_file(
-            os.path.join(model_dir, "vocab.json"), os.path.join(model_dir, "merges.txt")))
-        for token, idx in sorted(added_tokens(model_dir).items(), key=lambda kv: kv[1]):
-            if tok.get_vocab_size(with_added_tokens=True) != idx:
-                raise ValueError(f"{model_dir}: added token {token!r} has id {idx}, expected the next free id")
-            tok.add_special_tokens([token])
-    else:
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json or vocab.json + merges.txt")
-    return tok
-
-
-def added_tokens(model_dir):
-    """{token: id} from added_tokens.json and tokenizer_config.json's added_tokens_decoder."""
-    tokens = {}
-    path = os.path.join(model_dir, "added_tokens.json")
-    if os.path.isfile(path):
-        tokens.update(read_json_file(path))
-    path = os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.isfile(path):
-        decoder = read_json_file(path).get("added_tokens_decoder", {})
-        tokens.update({v["content"]: int(k) for k, v in decoder.items()})
-    return tokens
-
-
-def add_sa2va_tokens(tok):
-    """Add [SEG] and Sa2VA's <p> </p> <vp> </vp> where missing; returns the new vocab size."""
-    missing = [t for t in SA2VA_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        tok.add_special_tokens(missing)
-    return tok.get_vocab_size(with_added_tokens=True)
-
-
-def chat_prompt(turns, system_prompt=""):
-    """Qwen chat text for [(user, assistant | None), ...]; a None answer opens the assistant turn."""
-    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
-    for user, answer in turns:
-        text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if answer is not None:
-            text += f"{answer}<|im_end|>\n"
-    return text
-
-
-def image_placeholder(num_tiles, num_image_tokens):
-    """What one <image> of num_tiles tiles becomes: ONE <img>, all tiles' <IMG_CONTEXT> tokens, ONE </img>."""
-    return IMG_START + IMG_CONTEXT * (num_image_tokens * num_tiles) + IMG_END
-
-
-def video_placeholder(num_frames, num_image_tokens):
-    """Video frames, one tile each, each in its own <img>...</img>, joined by new lines (Sa2VA)."""
-    return "\n".join(image_placeholder(1, num_image_tokens) for _ in range(num_frames))
-
-
-def encode_turns(tok, turns, system_prompt, media):
-    """Token ids (L,), labels (L,) (-100 but answers), and per turn the user-text positions (L,) bool.
-
-    turns: [(user, answer | None)]; "<image>" in a user text is replaced by media (the placeholder).
-    The text mask marks the words of the user turn, excluding template, image and special tokens.
-    """
-    ids, labels, text_masks = [], [], []
-
-    def add(text, is_answer=False, is_text=False):
-        piece = tok.encode(text, add_special_tokens=False).ids if text else []
-        ids.extend(piece)
-        labels.extend(piece if is_answer else [-100] * len(piece))
-        for m in text_masks:
-            m.extend([False] * len(piece))
-        if is_text and piece:
-            text_masks[-1][-len(piece):] = [True] * len(piece)
-
-    if system_prompt:
-        add(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
-    for user, answer in turns:
-        text_masks.append([False] * len(ids))
-        add("<|im_start|>user\n")
-        before, image, after = user.partition("<image>")
-        add(before, is_text=True)
-        if image:
-            add(media)
-        add(after, is_text=True)
-        add("<|im_end|>\n<|im_start|>assistant\n")
-        if answer is not None:
-            add(answer + "<|im_end|>", is_answer=True)
-            add("\n")
-    return (torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-            torch.tensor(text_masks, dtype=torch.bool).reshape(len(turns), len(ids)))
-
-
-# ---------------------------------------------------------------------------------------------
-# images for the MLLM: 448 tiles, ImageNet mean/std, InternVL's dynamic tiling
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def tile_grids(max_tiles):
-    """Candidate (cols, rows) grids with 1..max_tiles tiles, fewest tiles first (InternVL's order)."""
-    grids = {(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1) if i * j <= max_tiles}
-    return sorted(grids, key=lambda g: g[0] * g[1])
-
-
-def choose_grid(width, height, max_tiles, tile):
-    """The grid whose aspect ratio is closest to the image's; ties go to more tiles if the image is large."""
-    aspect = width / height
-    best, best_diff = (1, 1), float("inf")
-    for cols, rows in tile_grids(max_tiles):
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def dynamic_tiles(image, max_tiles, tile):
-    """Split a PIL image into a grid of tile x tile crops (+ a thumbnail when more than one)."""
-    cols, rows = choose_grid(*image.size, max_tiles, tile)
-    resized = image.resize((cols * tile, rows * tile), resample=3)  # bicubic
-    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
-    if len(tiles) > 1:
-        tiles.append(image.resize((tile, tile), resample=3))
-    return tiles
-
-
-def to_tensor(image, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL image -> (3, size, size) float, resized directly (bicubic), normalised."""
-    image = image.convert("RGB").resize((size, size), resample=3)
-    x = np.asarray(image, dtype=np.float32) / 255  # (S, S, 3); numpy: no thread start-up per small image
-    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
-
-
-def mllm_pixels(frames, cfg, is_video):
-    """MLLM input (N_tiles, 3, S, S): dynamic tiles for an image, one tile per video frame."""
-    if is_video:
-        tiles = frames[: cfg.video_frames]
-    else:
-        tiles = dynamic_tiles(frames[0].convert("RGB"), cfg.max_tiles, cfg.image_size)
-    return torch.stack([to_tensor(t, cfg.image_size) for t in tiles])
-
-
-def media_placeholder(num_tiles, cfg, is_video):
-    """The text an <image> tag expands to for these tiles."""
-    if is_video:
-        return video_placeholder(num_tiles, cfg.num_image_tokens)
-    return image_placeholder(num_tiles, cfg.num_image_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,6 +308,24 @@ def merge_lora(llm):
                 setattr(module, name, child.base)
 
 
+def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
+    """recipe 'full': everything trains (from scratch nothing is pretrained); 'sa2va': Sa2VA's recipe (frozen InternViT, mlp1 and
+    SAM-2 image encoder; LoRA on the LLM; new-token embeddings, lm_head, text_hidden_fcs, the SAM-2 decoder and MBA train)."""
+    if recipe not in ("full", "sa2va"):
+        raise ValueError(f"--recipe={recipe!r}: expected 'full' or 'sa2va'")
+    model.requires_grad_(True)
+    if recipe == "sa2va":
+        model.grounding.sam2_model.image_encoder.requires_grad_(False)
+        model.mllm.vision_model.requires_grad_(False)
+        model.mllm.mlp1.requires_grad_(False)
+        llm = model.mllm.language_model
+        apply_lora(llm, lora_r, lora_alpha, lora_dropout)
+        llm.norm.requires_grad_(False)
+        llm.embed_tokens.requires_grad_(True)  # new-token rows ([SEG], ...) and lm_head rows train
+        llm.lm_head.requires_grad_(True)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU inference: nn.Linear weights pre-packed by oneDNN
 
@@ -685,40 +428,6 @@ class InternVL(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# visual prompts: Sa2VA's region prompts (Osprey-style "describe region1")
-#
-# A region enters the LLM as <vp> + one <IMG_CONTEXT> per token of the image's last tile (the
-# thumbnail, or the only tile) that its mask covers on the 16x16 token grid + </vp>; those tokens
-# are copies of that tile's image tokens (after mlp1), taken in row-major order. No new weights.
-
-VP_START, VP_END = "<vp>", "</vp>"
-REGION_QUESTION = "Please give me a short description of the region in the picture marked by region1."
-
-
-def region_grid_masks(masks, cfg):
-    """Region masks (n, H, W) -> bool (n, g, g) on the tile's token grid (g = 16), nearest as Sa2VA."""
-    g = int(cfg.image_size // cfg.patch_size * cfg.downsample_ratio)
-    return F.interpolate(masks[None].float(), size=(g, g), mode="nearest")[0] > 0
-
-
-def region_prompt(grid_masks):
-    """'\nThere are n part regions in the picture: region1<vp>...</vp>, region2<vp>...</vp>.\n'."""
-    regions = [f"region{i + 1}{VP_START}{IMG_CONTEXT * int(m.sum())}{VP_END}" for i, m in enumerate(grid_masks)]
-    return f"\nThere are {len(regions)} part regions in the picture: " + ", ".join(regions) + ".\n"
-
-
-def region_context_index(num_tiles, tokens_per_tile, grid_masks=None, first_tile=0):
-    """Image token (flattened over all tiles) for each <IMG_CONTEXT> of one image: its tiles in order,
-    then for each region the tokens of its last tile under the region's grid mask (row-major)."""
-    start = first_tile * tokens_per_tile
-    index = [torch.arange(start, start + num_tiles * tokens_per_tile)]
-    last_tile = start + (num_tiles - 1) * tokens_per_tile
-    for m in grid_masks if grid_masks is not None else []:
-        index.append(last_tile + m.flatten().nonzero().flatten())
-    return torch.cat(index)
-
-
-# ---------------------------------------------------------------------------------------------
 # SAM-2 grounding (the sam2 package, called exactly as Sa2VA calls it)
 
 SAM2_TINY_OVERRIDES = [  # a 2.3M-parameter SAM-2 for CPU tests and the tiny preset (64-d)
@@ -752,12 +461,6 @@ def build_sam2(cfg):
     OmegaConf.resolve(hydra_cfg)
     with torch.device("cpu"):  # Hiera's constructor calls .item(), so it cannot be built on the meta device
         return instantiate(hydra_cfg.model, _recursive_=True)
-
-
-@torch.no_grad()
-def sam_pixels(frames, size):
-    """SAM-2 input (T, 3, S, S): resized directly to S x S (aspect not kept), /255, ImageNet mean/std."""
-    return torch.stack([to_tensor(f, size) for f in frames])
 
 
 class SAM2Grounding(nn.Module):
@@ -1097,15 +800,15 @@ class SALMA(nn.Module):
         """bf16 autocast when the model runs in bf16, else nothing (see autocast_for)."""
         return autocast_for(self.dtype, self.device)
 
-
-FORCED_ANSWER = "Sure, [SEG]."
-
-
-def eval_prompt(expr, is_video):
-    """Sa2VA's evaluation questions."""
-    if is_video:
-        return f"<image>\nPlease segment {expr}."
-    return f"<image>\n Please segment {expr} in this image."
+    @contextmanager
+    def as_baseline(self):
+        """The same weights with MBA switched off: the Sa2VA baseline (--mba=False)."""
+        cfg = self.cfg
+        self.cfg = replace(cfg, mba=False)
+        try:
+            yield self
+        finally:
+            self.cfg = cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1151,313 +854,9 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
                     current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
                     output_dict=memory, num_frames=num_frames)  # (1, C, h, w) fused with the memory bank
             feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None,
-                                 prior_embed=enc["image_embed"])  # DESIGN 4: the pre-pass sees no memory
+                                 prior_embed=enc["image_embed"])  # the pre-pass sees the frame alone, no memory
             heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
             memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
             memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
         w, h = frame.size
         yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0] > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# moving batches
-
-
-def to_device(batch, device):
-    """Move every tensor of a batch dict to device."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: official names <-> ours, one table of templates ({i}: a number, {rest}: the rest)
-
-KEY_TEMPLATES = [
-    ("vision_model.embeddings.class_embedding", "mllm.vision_model.cls_token"),
-    ("vision_model.embeddings.position_embedding", "mllm.vision_model.pos_embed"),
-    ("vision_model.embeddings.patch_embedding.{rest}", "mllm.vision_model.patch_embed.proj.{rest}"),
-    ("vision_model.encoder.layers.{i}.ls1", "mllm.vision_model.blocks.{i}.ls1.gamma"),
-    ("vision_model.encoder.layers.{i}.ls2", "mllm.vision_model.blocks.{i}.ls2.gamma"),
-    ("vision_model.encoder.layers.{i}.{rest}", "mllm.vision_model.blocks.{i}.{rest}"),
-    ("mlp1.{rest}", "mllm.mlp1.{rest}"),
-    ("language_model.lm_head.{rest}", "mllm.language_model.lm_head.{rest}"),
-    ("language_model.model.{rest}", "mllm.language_model.{rest}"),
-    ("grounding_encoder.sam2_model.memory_encoder.fuser.layers.{i}.g_weight", "grounding.sam2_model.memory_encoder.fuser.layers.{i}.gamma"),
-    ("grounding_encoder.sam2_model.{rest}", "grounding.sam2_model.{rest}"),
-    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
-    ("mba.{rest}", "mba.{rest}"),  # SALMA's own blocks (absent from Sa2VA checkpoints)
-]
-
-
-def template_regex(template):
-    """'a.{i}.{rest}' -> a compiled regex with named groups i (digits) and rest (anything)."""
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
-    return re.compile(pattern + "$")
-
-
-KEY_RULES = [(template_regex(a), a, template_regex(b), b) for a, b in KEY_TEMPLATES]
-
-
-def rename_key(key, to_ours=True):
-    """Official name -> ours (or back); None when no rule matches."""
-    for official_re, official, ours_re, ours in KEY_RULES:
-        match = (official_re if to_ours else ours_re).match(key)
-        if match:
-            return (ours if to_ours else official).format(**match.groupdict())
-    return None
-
-
-def check_keys(expected, got, source, allowed_missing=(), official=False):
-    """Raise one clear error naming the first missing/unexpected keys (official names if official)."""
-    missing = [k for k in expected if k not in got and not k.startswith(allowed_missing)]
-    unexpected = [k for k in got if k not in expected]
-    if official:
-        missing = [rename_key(k, to_ours=False) or k for k in missing]
-        unexpected = [rename_key(k, to_ours=False) or k.removeprefix("<unknown>") for k in unexpected]
-    if missing or unexpected:
-        parts = [f"missing {len(missing)} keys (first: {missing[:3]})" if missing else "",
-                 f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})" if unexpected else ""]
-        raise ValueError(f"{source}: checkpoint does not match the model: {'; '.join(p for p in parts if p)}")
-
-
-def read_json_file(path):
-    """json.load with one clear error naming a missing or malformed file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors_file(path):
-    """load_file with one clear error naming a missing, truncated or corrupt file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing (named in the checkpoint's index)")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors' own error type: header too large, truncated, ...
-        raise ValueError(f"{path}: unreadable safetensors file ({e}); download it again") from None
-
-
-def read_safetensors(model_dir):
-    """The state dict of model.safetensors or of the shards named in model.safetensors.index.json."""
-    single, index = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return read_safetensors_file(single)
-    if os.path.isfile(index):
-        shards = sorted(set(read_json_file(index)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors_file(os.path.join(model_dir, shard)).items()}
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-def config_from_hf(model_dir, base):
-    """Config with every size read from an official config.json (vision_config / llm_config)."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing; expected an InternVL / Sa2VA checkpoint directory")
-    hf = read_json_file(path)
-    vis, llm = hf["vision_config"], hf["llm_config"]
-    return replace(
-        base, image_size=hf.get("force_image_size") or vis["image_size"], patch_size=vis["patch_size"],
-        vit_width=vis["hidden_size"], vit_depth=vis["num_hidden_layers"], vit_heads=vis["num_attention_heads"],
-        vit_mlp_ratio=vis["intermediate_size"] / vis["hidden_size"], downsample_ratio=hf["downsample_ratio"],
-        max_tiles=hf.get("max_dynamic_patch", base.max_tiles), vocab_size=llm["vocab_size"],
-        llm_hidden=llm["hidden_size"], llm_layers=llm["num_hidden_layers"], llm_heads=llm["num_attention_heads"],
-        llm_kv_heads=llm["num_key_value_heads"], llm_intermediate=llm["intermediate_size"],
-        rope_theta=llm.get("rope_theta", base.rope_theta), rms_eps=llm["rms_norm_eps"],
-        tie_word_embeddings=llm.get("tie_word_embeddings", False), **hf.get("salma", {}),
-    )
-
-
-def hf_config(cfg, architecture):
-    """The official config.json layout for cfg (our extra fields under "salma")."""
-    return {
-        "architectures": [architecture], "downsample_ratio": cfg.downsample_ratio, "force_image_size": cfg.image_size,
-        "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "use_thumbnail": True,
-        "vision_config": {"hidden_size": cfg.vit_width, "num_hidden_layers": cfg.vit_depth, "num_attention_heads": cfg.vit_heads,
-                          "intermediate_size": int(cfg.vit_width * cfg.vit_mlp_ratio), "image_size": cfg.image_size,
-                          "patch_size": cfg.patch_size, "qkv_bias": True, "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
-        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.llm_hidden,
-                       "num_hidden_layers": cfg.llm_layers, "num_attention_heads": cfg.llm_heads,
-                       "num_key_value_heads": cfg.llm_kv_heads, "intermediate_size": cfg.llm_intermediate,
-                       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_word_embeddings},
-        "salma": {k: getattr(cfg, k) for k in SALMA_FIELDS},
-    }
-
-
-SALMA_FIELDS = ("sam2_config", "sam2_tiny", "sam_image_size", "num_cond_frames", "mba", "mba_layers", "mba_mode",
-                "topk", "tau_gate", "gamma_init", "mba_heads", "mba_dropout", "router_hidden", "tmc_source", "system_prompt")
-
-
-def official_state_dict(model):
-    """Our state dict under official names (LoRA merged into a copy first)."""
-    prefix = "mllm." if isinstance(model, InternVL) else ""  # a bare InternVL is SALMA's .mllm
-    sd = {}
-    for key, value in model.state_dict().items():
-        if prefix + key == HEAD_KEY and model.cfg.tie_word_embeddings:
-            continue  # tied: the embedding is saved once, as the official checkpoints do
-        name = rename_key(prefix + key, to_ours=False)
-        if name is None:
-            raise ValueError(f"no official name for {key}; merge LoRA before exporting")
-        sd[name] = value.contiguous()
-    return sd
-
-
-def save_official(model, tokenizer, out_dir, architecture="Sa2VAChatModel"):
-    """Write config.json, model.safetensors and tokenizer.json in the official layout."""
-    os.makedirs(out_dir, exist_ok=True)
-    sd = official_state_dict(model)
-    save_file(sd, os.path.join(out_dir, "model.safetensors"))
-    json.dump(hf_config(model.cfg, architecture), open(os.path.join(out_dir, "config.json"), "w"), indent=2)
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-
-
-def load_sam2_checkpoint(grounding, path):
-    """Load a SAM-2 / SAM-2.1 .pt ({"model": state_dict}) into the grounding part, keys checked."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: SAM-2 checkpoint not found")
-    sd = torch_load(path, "a SAM-2 .pt (download it again)")
-    if not isinstance(sd, dict) or "model" not in sd:
-        raise ValueError(f"{path}: expected a SAM-2 .pt holding {{'model': state_dict}}")
-    check_keys(grounding.sam2_model.state_dict(), sd["model"], path)
-    grounding.sam2_model.load_state_dict(sd["model"])
-
-
-# ---------------------------------------------------------------------------------------------
-# building and loading
-
-
-def prepare_tokenizer(cfg, model_dir=""):
-    """(tokenizer, cfg with vocab_size covering it, {token: id} of the special tokens)."""
-    tok = load_tokenizer(model_dir) if model_dir else tiny_tokenizer()
-    size = add_sa2va_tokens(tok)
-    cfg = replace(cfg, vocab_size=max(cfg.vocab_size, size))
-    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS + SA2VA_TOKENS}
-    missing = [t for t, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"{model_dir or 'tokenizer'}: tokens {missing} are missing; is this an InternVL / Sa2VA tokenizer?")
-    return tok, cfg, ids
-
-
-def load_internvl(model_dir, dtype=None, device="cpu"):
-    """An official InternVL2.5 directory -> (InternVL, tokenizer); built on meta, loaded with assign."""
-    tok, cfg, ids = prepare_tokenizer(config_from_hf(model_dir, Config.from_preset("internvl2_5-1b")), model_dir)
-    with torch.device("meta"):
-        model = InternVL(cfg, ids[IMG_CONTEXT])
-    ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(model_dir).items()}
-    finish_load(model, ours, model_dir, prefix="mllm.")  # a bare InternVL is SALMA's .mllm
-    return model.to(device, dtype or resolve_dtype("auto", device, cfg)).eval(), tok
-
-
-EMBED_KEY, HEAD_KEY = "mllm.language_model.embed_tokens.weight", "mllm.language_model.lm_head.weight"
-
-
-def finish_load(model, ours, source, allowed_missing=(), prefix=""):
-    """Check names (ours = SALMA names, model's own names + prefix) and shapes, then load with assign=True.
-
-    An embedding / lm_head with fewer rows than the tokenizer needs (InternVL2.5, before [SEG] and
-    Sa2VA's tokens are added) grows: each new row starts as the mean of the existing rows. A tied
-    lm_head (config.json's tie_word_embeddings) is not in the checkpoint and is tied again after loading.
-    """
-    llm = (model if isinstance(model, InternVL) else model.mllm).language_model
-    expected = {prefix + k: v for k, v in model.state_dict().items()}
-    if llm.cfg.tie_word_embeddings:
-        del expected[HEAD_KEY]
-    check_keys(expected, ours, source, allowed_missing, official=True)
-    for key in (EMBED_KEY, HEAD_KEY):
-        rows = expected[key].shape[0] if key in expected else 0
-        if key in ours and ours[key].shape[0] < rows:
-            weight = ours[key]
-            ours[key] = torch.cat([weight, weight.mean(0, keepdim=True).expand(rows - weight.shape[0], -1)])
-    for k, v in ours.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{source}: {rename_key(k, to_ours=False)} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    model.load_state_dict({k.removeprefix(prefix): v for k, v in ours.items()}, strict=False, assign=True)
-    if llm.cfg.tie_word_embeddings:
-        llm.lm_head.weight = llm.embed_tokens.weight
-
-
-def build_salma(cfg, init="", sam2_ckpt="", device="cpu", dtype=torch.float32, **overrides):
-    """SALMA (Sa2VA with mba=False): random init, or an official Sa2VA directory in init.
-
-    Sizes come from the checkpoint's config.json; overrides (e.g. mba=True) are applied last. dtype:
-    the weights' dtype (bf16 weights run inference under bf16 autocast, as Sa2VA runs on GPU).
-    """
-    if init:
-        tok, cfg, ids = prepare_tokenizer(replace(config_from_hf(init, cfg), **overrides), init)
-        with torch.device("meta"):
-            model = SALMA(cfg, ids)
-        ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(init).items()}
-        has_mba = any(k.startswith("mba.") for k in ours)
-        finish_load(model, ours, init, allowed_missing=() if has_mba else ("mba.",))
-        if cfg.mba and not has_mba:  # SALMA on Sa2VA weights: fresh MBA blocks
-            model.mba = nn.ModuleList(MaskBiasedAttention(cfg, model.grounding.width) for _ in model.mba_layers)
-    else:
-        tok, cfg, ids = prepare_tokenizer(replace(cfg, **overrides))
-        model = SALMA(cfg, ids)
-    if sam2_ckpt:
-        load_sam2_checkpoint(model.grounding, sam2_ckpt)
-    return model.to(device).set_precision(dtype), tok
-
-
-def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
-    """recipe 'full': everything trains (from scratch nothing is pretrained); 'sa2va': DESIGN section 4 groups."""
-    if recipe not in ("full", "sa2va"):
-        raise ValueError(f"--recipe={recipe!r}: expected 'full' or 'sa2va'")
-    model.requires_grad_(True)
-    if recipe == "sa2va":
-        model.grounding.sam2_model.image_encoder.requires_grad_(False)
-        model.mllm.vision_model.requires_grad_(False)
-        model.mllm.mlp1.requires_grad_(False)
-        llm = model.mllm.language_model
-        apply_lora(llm, lora_r, lora_alpha, lora_dropout)
-        llm.norm.requires_grad_(False)
-        llm.embed_tokens.requires_grad_(True)  # new-token rows ([SEG], ...) and lm_head rows train
-        llm.lm_head.requires_grad_(True)
-    return model
-
-
-def torch_load(path, what):
-    """torch.load (tensors and plain Python only) with one clear error for a truncated or foreign file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects: all mean "not the file we need"
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}); it is truncated or not {what}") from None
-
-
-def read_checkpoint(path):
-    """The dict train.py wrote to ckpt.pt; one clear error for a missing, truncated or foreign file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no training checkpoint here (train.py writes OUT_DIR/ckpt.pt)")
-    state = torch_load(path, "a train.py checkpoint (restore it or train again)")
-    if not isinstance(state, dict) or not {"model", "configs", "step"} <= state.keys():
-        raise ValueError(f"{path}: not a train.py checkpoint (it lacks 'model', 'configs' or 'step')")
-    return state
-
-
-def load_weights(model, sd, source, allowed_missing=()):
-    """Load a full state dict in our names; one error naming the first bad key or shape."""
-    expected = model.state_dict()
-    check_keys(expected, sd, source, allowed_missing)
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(sd, strict=False)
-
-
-def load_trained(run_dir, **overrides):
-    """(model, tokenizer, step) exactly as train.py left run_dir: every weight, frozen ones included.
-
-    overrides: model fields to change (mba=False drops the MBA blocks: the Sa2VA baseline on the
-    same weights; mba=True on a baseline run adds fresh blocks with gamma = 0, i.e. the same outputs).
-    """
-    path = os.path.join(run_dir, "ckpt.pt")
-    state = read_checkpoint(path)
-    train_cfg, cfg = state["configs"]["train"], replace(Config(**state["configs"]["model"]), **overrides)
-    tok, cfg, ids = prepare_tokenizer(cfg, run_dir)
-    model = SALMA(cfg, ids)  # its random weights are all replaced below
-    set_trainable(model, train_cfg["recipe"], train_cfg["lora_r"], train_cfg["lora_alpha"], train_cfg["lora_dropout"])
-    weights = {k: v for k, v in state["model"].items() if cfg.mba or not k.startswith("mba.")}
-    load_weights(model, weights, path, allowed_missing=() if any(k.startswith("mba.") for k in weights) else ("mba.",))
-    return model, tok, state["step"]

@@ -25,14 +25,17 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
+import common
 import data
 import losses
 import plot
 import salma
+import testbed
+from inputs import make_train_batch, to_device
 
 
 @dataclass
@@ -40,10 +43,8 @@ class TrainConfig:
     out_dir: str = "out/tiny"  # where ckpt.pt, ckpt.json, tokenizer.json and log.jsonl go
     init: str = ""  # official checkpoint directory (Sa2VA / InternVL) to start from; "" = random init
     sam2_ckpt: str = ""  # SAM-2 .pt to load into the grounding part
-    sam2_pretrain_frac: float = 0.75  # from scratch on generated data only: first pretrain SAM-2's image encoder for this fraction of max_steps (extra steps, ~2x cheaper than main ones) to find the objects and tell their colours, shapes and sizes, then freeze it as Sa2VA freezes the pretrained one (README: What the testbed shows); 0 = off
+    sam2_pretrain_frac: float = 0.75  # from scratch on generated data only: first pretrain SAM-2's image encoder for this fraction of max_steps (extra steps, ~2x cheaper than main ones) to find the objects and tell their colours, shapes and sizes, then freeze it as Sa2VA freezes the pretrained one (docs/testbed.md); 0 = off
     sam2_pretrain_lr: float = 1e-3  # learning rate of that pretraining (constant after a warm-up of 1/12 of its steps)
-    decoder_pretrain_steps: int = 0  # from scratch on generated data: after the encoder pretraining, train SAM-2's mask decoder alone this many steps, prompted by each expression's data.role_code; use with --lambda_code=1 (README: What the testbed shows); 0 = off
-    decoder_pretrain_lr: float = 3e-3  # learning rate of that decoder pretraining (50-step warm-up, cosine to 0)
     data: str = "synthetic:1"  # dataset:repeat_factor list, e.g. refcoco:4,mevis:4
     data_root: str = ""  # "" = generated synthetic data
     max_steps: int = 2400  # optimizer steps
@@ -76,26 +77,23 @@ def parse_args(argv=None):
     """Parse --flags generated from TrainConfig, LossConfig and the model Config."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(salma.PRESETS), help="model size preset (default tiny)")
-    salma.add_dataclass_flags(parser, TrainConfig(), "training")
-    salma.add_dataclass_flags(parser, losses.LossConfig(), "loss weights (Eq. 5)")
-    salma.add_dataclass_flags(parser, salma.Config.from_preset("tiny"), "model (default: the preset's value, or --init's config.json)", preset="tiny")
+    common.add_dataclass_flags(parser, TrainConfig(), "training")
+    common.add_dataclass_flags(parser, losses.LossConfig(), "loss weights (Eq. 5)")
+    common.add_dataclass_flags(parser, salma.Config.from_preset("tiny"), "model (default: the preset's value, or --init's config.json)", preset="tiny")
     args = parser.parse_args(argv)
-    train_cfg = salma.dataclass_from_args(TrainConfig, args)
+    train_cfg = common.dataclass_from_args(TrainConfig, args)
     if train_cfg.recipe == "auto":
         train_cfg.recipe = "sa2va" if train_cfg.init else "full"
     if train_cfg.lr == 0:
         train_cfg.lr = 4e-5 if train_cfg.init else 3e-4
-    loss_cfg = salma.dataclass_from_args(losses.LossConfig, args)
+    loss_cfg = common.dataclass_from_args(losses.LossConfig, args)
     if not train_cfg.init:  # from scratch: the paper's Eq. 5 weights, unless given on the command line
         given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
         for name, value in losses.FROM_SCRATCH_WEIGHTS.items():
             if f"--{name}" not in given:
                 setattr(loss_cfg, name, value)
-    overrides = salma.preset_overrides(args)
+    overrides = common.given_fields(salma.Config, args)
     check_flags(train_cfg, args.preset, overrides)
-    if (train_cfg.decoder_pretrain_steps or loss_cfg.lambda_code) and not pretrains_sam2(train_cfg):
-        raise ValueError("--decoder_pretrain_steps / --lambda_code: role codes exist only for runs from scratch on generated data "
-                         "that pretrain SAM-2's encoder (no --init, --sam2_ckpt or real datasets, --sam2_pretrain_frac > 0)")
     return train_cfg, loss_cfg, args.preset, overrides
 
 
@@ -106,16 +104,14 @@ def check_flags(cfg, preset, overrides):
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     if cfg.lr < 0 or not 0 <= cfg.warmup_frac <= 1:
         raise ValueError(f"--lr={cfg.lr} / --warmup_frac={cfg.warmup_frac}: need lr >= 0 and 0 <= warmup_frac <= 1")
-    if cfg.decoder_pretrain_steps < 0 or cfg.decoder_pretrain_lr <= 0:
-        raise ValueError(f"--decoder_pretrain_steps={cfg.decoder_pretrain_steps} / --decoder_pretrain_lr={cfg.decoder_pretrain_lr}: "
-                         "need steps >= 0 (0 = no decoder pretraining) and lr > 0")
     if cfg.sam2_pretrain_frac < 0 or cfg.sam2_pretrain_lr <= 0:
         raise ValueError(f"--sam2_pretrain_frac={cfg.sam2_pretrain_frac} / --sam2_pretrain_lr={cfg.sam2_pretrain_lr}: "
                          "need frac >= 0 (0 = no pretraining) and lr > 0")
     data.parse_mix(cfg.data)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume and cfg.fsdp:
-        raise ValueError("--resume with --fsdp=True is not supported (the optimizer state is sharded and not saved); resume with DDP")
+        raise ValueError("--resume with --fsdp=True is not supported yet (the checkpoint holds the whole model and optimizer "
+                         "state, but loading them into sharded parameters is not written); resume with DDP")
     if (cfg.resume or cfg.export) and not os.path.isfile(ckpt):
         raise FileNotFoundError(f"{ckpt}: no checkpoint to {'resume from' if cfg.resume else 'export'}; "
                                 f"{'drop --resume or ' if cfg.resume else ''}set --out_dir to a train.py run")
@@ -123,7 +119,7 @@ def check_flags(cfg, preset, overrides):
         raise FileNotFoundError(f"--init {cfg.init}: not a directory (an official Sa2VA / InternVL2.5 checkpoint)")
     model_cfg = salma.Config.from_preset(preset)
     if cfg.init:  # its config.json sets the sizes, as build_salma will
-        model_cfg = salma.config_from_hf(cfg.init, model_cfg)
+        model_cfg = checkpoint.config_from_hf(cfg.init, model_cfg)
     salma.check_config(replace(model_cfg, **overrides))
     if cfg.sam2_ckpt and not os.path.isfile(cfg.sam2_ckpt):
         raise FileNotFoundError(f"--sam2_ckpt {cfg.sam2_ckpt}: SAM-2 checkpoint not found")
@@ -236,11 +232,20 @@ def keep_log_rows(log_path, last_step):
     os.replace(log_path + ".tmp", log_path)
 
 
-def save_checkpoint(path, weights, optimizer, scheduler, sampler, step, configs):
+def full_optimizer_state(model, optimizer, use_fsdp):
+    """The optimizer's state dict; under FSDP gathered whole on rank 0 and keyed by parameter name (every rank must call)."""
+    if not use_fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path, weights, optimizer_state, scheduler, sampler, step, configs):
     """Write ckpt.pt atomically (temp file + rename) and a ckpt.json saying what it is."""
     state = {
         "model": weights,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,  # FSDP: sharded, not saved
+        "optimizer": optimizer_state,  # FSDP: keyed by parameter name (full_optimizer_state)
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "step": step,
@@ -267,7 +272,7 @@ def main(argv=None):
     start = time.time()
     rank, local_rank, world_size, device = setup_distributed()
     master = rank == 0
-    torch.use_deterministic_algorithms(True, warn_only=True)  # same flags, same numbers (README: Determinism)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # same flags, same numbers (README: Precision and determinism)
     torch.manual_seed(train_cfg.seed)  # same init on every rank
     random.seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
@@ -280,27 +285,24 @@ def main(argv=None):
     sampler = data.DistributedResumableSampler(len(dataset), world_size, rank, seed=train_cfg.seed)
     if pretrains_sam2(train_cfg):
         if not train_cfg.resume:  # a resumed run loads the pretrained encoder with the rest
-            report = pretrain_sam2_encoder(model, train_cfg, device)
+            steps = max(1, round(train_cfg.sam2_pretrain_frac * train_cfg.max_steps))
+            report = testbed.pretrain_sam2_encoder(model, steps, train_cfg.sam2_pretrain_lr, train_cfg.seed, device)
             if master:
-                print_and_save(report, "pretrained SAM-2's image encoder", train_cfg.out_dir, "sam2_pretrain.json")
+                save_report(report, train_cfg.out_dir)
         model.grounding.sam2_model.image_encoder.requires_grad_(False)  # frozen from here on, as in Sa2VA's recipe
-        if train_cfg.decoder_pretrain_steps and not train_cfg.resume:
-            report = pretrain_sam2_decoder(model, train_cfg, device)
-            if master:
-                print_and_save(report, "pretrained SAM-2's mask decoder on role codes", train_cfg.out_dir, "decoder_pretrain.json")
     ddp_model = wrap_model(model, device, train_cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer, scheduler = make_optimizer(model, train_cfg)
     ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
     step = 0
     if train_cfg.resume:
-        state = salma.read_checkpoint(ckpt_path)
-        salma.load_weights(model, state["model"], ckpt_path)
+        state = checkpoint.read_checkpoint(ckpt_path)
+        checkpoint.load_weights(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
-    autocast = salma.autocast_for(salma.resolve_dtype(train_cfg.dtype, device, model_cfg), device)  # weights stay fp32
+    autocast = common.autocast_for(common.resolve_dtype(train_cfg.dtype, device, model_cfg), device)  # weights stay fp32
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg)
     log_path = os.path.join(train_cfg.out_dir, "log.jsonl")
@@ -314,9 +316,7 @@ def main(argv=None):
         ramp = losses.ramp(step, train_cfg.max_steps, loss_cfg.ramp_frac)
         logs = {}
         for micro in range(train_cfg.grad_accum):
-            batch = salma.to_device(next(batches), device)
-            if loss_cfg.lambda_code:
-                batch["seg_codes"] = role_codes(batch, model.grounding.width, device)
+            batch = to_device(next(batches), device)
             last = micro == train_cfg.grad_accum - 1
             sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
             with sync, autocast:
@@ -340,15 +340,15 @@ def main(argv=None):
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
             if not train_cfg.fsdp and not ranks_in_sync(model):  # every rank must call this collective
                 raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
-            weights = full_weights(model)  # a collective under FSDP
+            weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer, train_cfg.fsdp)  # collectives under FSDP
             if master:
-                save_checkpoint(ckpt_path, weights, None if train_cfg.fsdp else optimizer, scheduler, sampler, step, configs)
+                save_checkpoint(ckpt_path, weights, optimizer_state, scheduler, sampler, step, configs)
                 plot.plot_log(log_path)  # curves.png: loss parts and lr against step
     bar.close()
-    if master and data.WARNINGS:  # skipped, truncated or cut samples, by reason
-        print("data problems handled:", dict(data.WARNINGS))
+    if master and common.WARNINGS:  # skipped, truncated or cut samples, by reason
+        print("data problems handled:", dict(common.WARNINGS))
         with open(os.path.join(train_cfg.out_dir, "data_problems.json"), "w") as f:
-            json.dump(dict(data.WARNINGS), f, indent=1)
+            json.dump(dict(common.WARNINGS), f, indent=1)
     if master:
         print(f"trained {plot.summary(log_path)} | {time.time() - start:.0f} s wall | checkpoint {ckpt_path}")
     if dist.is_initialized():
@@ -358,12 +358,19 @@ def main(argv=None):
 def training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg):
     """Endless batches of SALMA.forward tensors in sampler order; sample i's prompt drawn from (seed, i)."""
     for samples, indices in data.batch_iterator(dataset, sampler, train_cfg.batch_size):
-        yield data.make_train_batch(samples, tokenizer, model_cfg, seeds=[train_cfg.seed * 1_000_003 + i for i in indices],
-                                    max_tokens=train_cfg.max_length)
+        yield make_train_batch(samples, tokenizer, model_cfg, seeds=[common.sample_seed(train_cfg.seed, i) for i in indices],
+                               max_tokens=train_cfg.max_length)
 
 
 # ---------------------------------------------------------------------------------------------
-# SAM-2 pretraining for runs from scratch on generated data
+# from scratch on generated data: SAM-2's encoder is pretrained first (testbed.pretrain_sam2_encoder)
+
+
+def save_report(report, out_dir):
+    """Print the encoder pretraining's report and write it to out_dir/sam2_pretrain.json."""
+    print(f"pretrained SAM-2's image encoder: {report}")
+    with open(os.path.join(out_dir, "sam2_pretrain.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def pretrains_sam2(cfg):
@@ -372,188 +379,19 @@ def pretrains_sam2(cfg):
     return cfg.sam2_pretrain_frac > 0 and generated and not cfg.init and not cfg.sam2_ckpt
 
 
-ATTRIBUTES = (tuple(data.COLOURS), data.SHAPES, tuple(data.SIZES))  # what the encoder pretraining names
-
-
-def object_attributes(scene):
-    """Masks (K, H, W) of a generated image's objects and their labels (K, 3): colour, shape, size index."""
-    _, masks = data.render(scene["objects"], scene["frames"][0].size)
-    labels = [[names.index(o[key]) for names, key in zip(ATTRIBUTES, ("colour", "shape", "size"))] for o in scene["objects"]]
-    return masks, torch.tensor(labels)
-
-
-def split_attributes(logits, count):
-    """Logits (N, class counts of the last `count` ATTRIBUTES summed) -> one (N, classes) part per attribute."""
-    return logits.split([len(names) for names in ATTRIBUTES[-count:]], dim=1)
-
-
-def attribute_losses(logits, labels):
-    """Sum of the cross-entropies of logits (N, sum of the attributes' class counts) against labels (N, A)."""
-    return sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(split_attributes(logits, labels.shape[1])))
-
-
-def encoder_pretraining_pass(grounding, heads, scenes, sam_size):
-    """SAM-2's embedding of the scenes' images read by both heads -> (loss, pretraining_scores of this pass).
-
-    Per object: shape and size from the embedding averaged over its mask (object_head). Per pixel of the
-    decoder's low-res grid: object or background, and the colour, shape and size of the object under it
-    (pixel_head, a 1x1 convolution upsampled 4x as the decoder upsamples).
-    """
-    object_head, pixel_head = heads
-    pixels = torch.cat([salma.sam_pixels(scene["frames"][:1], sam_size) for scene in scenes])
-    embed = grounding.encode_image(pixels.to(object_head.weight.device))["image_embed"]  # (B, C, h, w)
-    pixel_logits = F.interpolate(pixel_head(embed), scale_factor=4, mode="bilinear", align_corners=False)  # (B, 10, 4h, 4w)
-    pixel_loss, object_logits, object_labels, found, pixel_hits = 0.0, [], [], [], []
-    for b, scene in enumerate(scenes):
-        masks, labels = object_attributes(scene)  # (K, H, W), (K, 3)
-        labels = labels.to(embed.device)
-        object_feats, _ = losses.pool_mask_features(embed[b].expand(len(masks), -1, -1, -1), masks.to(embed.device))  # (K, C)
-        object_logits.append(object_head(object_feats))
-        object_labels.append(labels[:, 1:])
-        on_grid = losses.resize_gt(masks, pixel_logits.shape[-2:]).to(embed.device)  # (K, 4h, 4w)
-        foreground = on_grid.amax(0) > 0
-        pixel_labels = labels[on_grid.argmax(0)][foreground]  # (P, 3): the object's labels at each of its pixels
-        pixel_loss = pixel_loss + F.binary_cross_entropy_with_logits(pixel_logits[b, 0], foreground.float())
-        object_pixel_logits = pixel_logits[b, 1:].permute(1, 2, 0)[foreground]  # (P, 9)
-        pixel_loss = pixel_loss + attribute_losses(object_pixel_logits, pixel_labels)
-        found.append((pixel_logits[b, 0] > 0, foreground))
-        _, pixel_shape_logits, _ = split_attributes(object_pixel_logits.detach(), len(ATTRIBUTES))
-        pixel_hits.append(pixel_shape_logits.argmax(1) == pixel_labels[:, 1])
-    object_logits, object_labels = torch.cat(object_logits), torch.cat(object_labels)
-    loss = attribute_losses(object_logits, object_labels) + pixel_loss / len(scenes)
-    return loss, pretraining_scores(object_logits, object_labels, found, pixel_hits)
-
-
-def pretraining_scores(object_logits, object_labels, found, pixel_hits):
-    """Per object: shape and size accuracy; per pixel: objectness IoU and the shape accuracy on objects (%)."""
-    shape_logits, size_logits = split_attributes(object_logits.detach(), 2)
-    predicted, actual = (torch.cat([pair[i].flatten() for pair in found]) for i in range(2))
-    scores = {"object_shape_accuracy": (shape_logits.argmax(1) == object_labels[:, 0]).float().mean(),
-              "object_size_accuracy": (size_logits.argmax(1) == object_labels[:, 1]).float().mean(),
-              "pixel_objectness_iou": (predicted & actual).sum() / (predicted | actual).sum().clamp_min(1),
-              "pixel_shape_accuracy": torch.cat(pixel_hits).float().mean()}
-    return {name: round(100 * value.item(), 1) for name, value in scores.items()}
-
-
-def pretrain_sam2_encoder(model, cfg, device):
-    """Teach a random SAM-2 image encoder where the generated objects are and what they are; returns what it reached.
-
-    The real recipe starts from a pretrained SAM-2. A random tiny one tells shapes apart at ~66% (linear
-    probe) and the mask loss does not teach it, so the decoder can only select by colour (README: What the
-    testbed shows). Two heads on its embedding (encoder_pretraining_pass) learn the objects' shapes and sizes
-    and, per pixel, objectness, colour, shape and size: 2 scenes a step, AdamW at --sam2_pretrain_lr after
-    a short warm-up, on scenes of the training seed. Reports pretraining_scores on 30 held-out scenes.
-    """
-    steps = max(1, round(cfg.sam2_pretrain_frac * cfg.max_steps))
-    grounding, sam_size = model.grounding, model.cfg.sam_image_size
-    encoder = grounding.sam2_model.image_encoder
-    scenes = data.SyntheticRefDataset(2 * steps, seed=cfg.seed, video_fraction=0.0)
-    held_out = data.SyntheticRefDataset(30, seed=cfg.seed + 20_000, video_fraction=0.0)  # val is seed + 10_000
-    heads = torch.nn.ModuleList([torch.nn.Linear(grounding.width, len(data.SHAPES) + len(data.SIZES)),
-                                 torch.nn.Conv2d(grounding.width, 1 + sum(map(len, ATTRIBUTES)), 1)]).to(device)
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=cfg.sam2_pretrain_lr)
-    start = time.time()
-    for step in tqdm(range(steps), desc="pretrain SAM-2 encoder"):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.sam2_pretrain_lr * min(1.0, (step + 1) / max(1, steps // 12))
-        loss, _ = encoder_pretraining_pass(grounding, heads, [scenes[2 * step], scenes[2 * step + 1]], sam_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)  # the pass also left gradients on parts the main run trains
-    with torch.no_grad():
-        _, scores = encoder_pretraining_pass(grounding, heads, [held_out[i] for i in range(30)], sam_size)
-    return {"steps": steps, "held_out": scores, "seconds": round(time.time() - start, 1)}
-
-
-def print_and_save(report, what, out_dir, name):
-    """Print a pretraining phase's report after `what` and write it to out_dir/name as JSON."""
-    print(f"{what}: {report}")
-    with open(os.path.join(out_dir, name), "w") as f:
-        json.dump(report, f, indent=1)
-
-
-def role_codes(batch, width, device):
-    """data.role_code of the expression each [SEG] of a generated batch answers -> (N_seg, width)."""
-    if len(batch["seg_exprs"]) != len(batch["seg_index"]):
-        raise ValueError(f"--lambda_code: {len(batch['seg_index'])} [SEG] tokens but {len(batch['seg_exprs'])} expressions; "
-                         "role codes need one generated expression per [SEG]")
-    return data.role_codes(batch["seg_exprs"], width).to(device)
-
-
-def role_code_pass(grounding, scene, sam_size, device):
-    """The decoder's low-res mask logits (n, 4h, 4w) for a generated image's n expressions, each prompted by its
-    data.role_code, and their ground truth on the same grid."""
-    with torch.no_grad():
-        embed = grounding.encode_image(salma.sam_pixels(scene["frames"][:1], sam_size).to(device))
-    n = len(scene["exprs"])
-    codes = data.role_codes(scene["exprs"], grounding.width).to(device)  # (n, C)
-    low = grounding.decode(embed["image_embed"].expand(n, -1, -1, -1),
-                           [f.expand(n, -1, -1, -1) for f in embed["high_res_feats"]], codes)[:, 0]
-    return low, losses.resize_gt(scene["masks"][:, 0], low.shape[-2:]).to(device)
-
-
-@torch.no_grad()
-def role_code_iou(grounding, scenes, sam_size, device):
-    """Mean mask IoU (%) per expression kind of the decoder prompted by role codes, on generated images."""
-    ious = {}
-    for scene in scenes:
-        low, gt = role_code_pass(grounding, scene, sam_size, device)
-        pred, truth = low > 0, gt > 0.5
-        iou = (pred & truth).flatten(1).sum(1) / (pred | truth).flatten(1).sum(1).clamp_min(1)
-        for expr, value in zip(scene["exprs"], iou.tolist()):
-            ious.setdefault(data.expression_kind(expr), []).append(value)
-    return {kind: round(100 * sum(v) / len(v), 1) for kind, v in sorted(ious.items())}
-
-
-def pretrain_sam2_decoder(model, cfg, device):
-    """Teach SAM-2's mask decoder to find each expression's target from its data.role_code; returns what it reached.
-
-    From scratch the LLM's z_seg keeps little but the target's shape, and the decoder does not learn relations
-    from it; prompted by a code that names each word with its role, it can learn them within ~1000 steps at
-    lr 3e-3, but whether it does hangs on the random draw of its output-token embeddings (seed 1's fails;
-    README: What the testbed shows). The main run then pulls z_seg to the same code (--lambda_code).
-    The frozen encoder's embedding, 2 generated images a step (every expression), BCE + Dice, AdamW with
-    a 50-step warm-up and a cosine to 0. Reports the mean IoU per expression kind on 30 held-out images.
-    """
-    grounding, sam_size, steps = model.grounding, model.cfg.sam_image_size, cfg.decoder_pretrain_steps
-    decoder = grounding.sam2_model.sam_mask_decoder
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.decoder_pretrain_lr, weight_decay=0.05)
-    scenes = data.SyntheticRefDataset(2 * steps, seed=cfg.seed + 50_000, video_fraction=0.0)  # apart from val and held-out
-    held_out = data.SyntheticRefDataset(30, seed=cfg.seed + 60_000, video_fraction=0.0)
-    start, losses_seen = time.time(), []
-    for step in tqdm(range(steps), desc="pretrain SAM-2 decoder"):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.decoder_pretrain_lr * min(1, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = 0
-        for scene in (scenes[2 * step], scenes[2 * step + 1]):
-            low, gt = role_code_pass(grounding, scene, sam_size, device)
-            loss = loss + losses.bce_loss(low, gt) + losses.dice_loss(low, gt)
-        optimizer.zero_grad(set_to_none=True)
-        (loss / 2).backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        optimizer.step()
-        losses_seen.append(loss.item() / 2)
-    model.zero_grad(set_to_none=True)
-    last = losses_seen[-100:]
-    return {"steps": steps, "loss_last_100_steps": round(sum(last) / len(last), 3),
-            "held_out_iou": role_code_iou(grounding, [held_out[i] for i in range(30)], sam_size, device),
-            "seconds": round(time.time() - start, 1)}
-
-
 def build_model(train_cfg, preset, overrides):
     """The model to train: preset (+ flags), initialised from --init / --sam2_ckpt, groups set."""
     cfg = salma.Config.from_preset(preset)
-    model, tokenizer = salma.build_salma(cfg, init=train_cfg.init, sam2_ckpt=train_cfg.sam2_ckpt, **overrides)
+    model, tokenizer = checkpoint.build_model(cfg, init=train_cfg.init, sam2_ckpt=train_cfg.sam2_ckpt, **overrides)
     salma.set_trainable(model, train_cfg.recipe, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout)
     return model, tokenizer
 
 
 def export(train_cfg, preset, overrides):
     """Write out_dir/ckpt.pt's model in the official Sa2VA layout to --export (LoRA merged)."""
-    model, tokenizer, step = salma.load_trained(train_cfg.out_dir)
+    model, tokenizer, step = checkpoint.load_trained(train_cfg.out_dir)
     salma.merge_lora(model.mllm.language_model)
-    salma.save_official(model, tokenizer, train_cfg.export)
+    checkpoint.save_official(model, tokenizer, train_cfg.export)
     print(f"exported step {step} of {train_cfg.out_dir} to {train_cfg.export}")
 
 

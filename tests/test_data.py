@@ -2,16 +2,19 @@
 
 import json
 import os
-import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 import data
+import fixtures
+import common
+import checkpoint
+import testbed
+import inputs
 
 # ---------------------------------------------------------------------------------------------
 # generated scenes
@@ -50,7 +53,7 @@ def referents(text, objects):
 
 def test_every_expression_identifies_exactly_its_target():
     """Relations hold with a clear margin (>= 20 px along, within 45 degrees) and no borderline candidate."""
-    ds = data.SyntheticRefDataset(60, seed=1, video_fraction=0.3)
+    ds = testbed.SyntheticRefDataset(60, seed=1, video_fraction=0.3)
     kinds = set()
     for i in range(len(ds)):
         s = ds[i]
@@ -66,61 +69,43 @@ def test_every_expression_identifies_exactly_its_target():
 def test_distractor_split_puts_a_larger_look_alike_beside_a_small_target():
     """synthetic_distractor (issue: attention drift to salient distractors): the expression names a small
     target by size and colour, and the image holds at least 3x its area more of that colour elsewhere."""
-    ds = data.SyntheticRefDataset(40, seed=10_000, video_fraction=0.0, twins=True)
+    ds = testbed.SyntheticRefDataset(40, seed=10_000, video_fraction=0.0, twins=True)
     for i in range(len(ds)):
         s = ds[i]
         (text,), (target,) = s["exprs"], s["targets"]
         assert text.startswith("the small ") and referents(text, s["objects"]) == [target], (s["id"], text)
-        colour = next(c for c in data.COLOURS if f" {c} " in text)
-        same_colour = (np.array(s["frames"][0]) == np.array(data.COLOURS[colour])).all(-1)
+        colour = next(c for c in testbed.COLOURS if f" {c} " in text)
+        same_colour = (np.array(s["frames"][0]) == np.array(testbed.COLOURS[colour])).all(-1)
         mask = s["masks"][0, 0].numpy()
         assert (same_colour & mask).sum() == mask.sum() and (same_colour & ~mask).sum() > 3 * mask.sum(), s["id"]
 
 
 def test_masks_are_exactly_the_pixels_of_the_rendered_shapes():
-    ds = data.SyntheticRefDataset(20, seed=2, video_fraction=0.5)
+    ds = testbed.SyntheticRefDataset(20, seed=2, video_fraction=0.5)
     for i in range(len(ds)):
         s = ds[i]
         for k, target in enumerate(s["targets"]):
-            colour = np.array(data.COLOURS[s["objects"][target]["colour"]])
+            colour = np.array(testbed.COLOURS[s["objects"][target]["colour"]])
             for t, frame in enumerate(s["frames"]):
                 pixels = np.array(frame)
                 mask = s["masks"][k, t].numpy()
                 assert mask.sum() > 50
                 assert (pixels[mask] == colour).all()  # inside: the object's colour only
                 same_colour = (pixels == colour).all(-1)
-                others = [data.moved_object(o, t) for j, o in enumerate(s["objects"]) if j != target and o["colour"] == s["objects"][target]["colour"]]
+                others = [testbed.moved_object(o, t) for j, o in enumerate(s["objects"]) if j != target and o["colour"] == s["objects"][target]["colour"]]
                 if not others:
                     assert (same_colour == mask).all()  # no other shape of that colour: exactly the mask
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
-    a, b, c = data.SyntheticRefDataset(5, seed=3), data.SyntheticRefDataset(5, seed=3), data.SyntheticRefDataset(5, seed=4)
+    a, b, c = testbed.SyntheticRefDataset(5, seed=3), testbed.SyntheticRefDataset(5, seed=3), testbed.SyntheticRefDataset(5, seed=4)
     for i in range(5):
         assert a[i]["exprs"] == b[i]["exprs"] and torch.equal(a[i]["masks"], b[i]["masks"])
     assert any(a[i]["exprs"] != c[i]["exprs"] for i in range(5))
 
 
-def test_role_code_names_each_word_with_its_role_and_is_the_same_in_every_process():
-    """data.role_code: the same words in other roles give another code; another process gives the same one."""
-    import subprocess
-    import sys
-
-    width = 64
-    code = data.role_code("the square left of the blue triangle", width)
-    swapped = data.role_code("the triangle left of the blue square", width)  # the same bag of words
-    word = data.role_code("the square", width)  # "the" is skipped: one vector
-    assert 7 < word.norm() < 10  # |v| about 8.4, SAM-2's prompt-token scale
-    assert (code - swapped).norm() > 0.5 * code.norm()
-    assert torch.equal(data.role_code("the square left of the blue triangle", width), code)
-    script = "import data; print(data.role_code('the square left of the blue triangle', 64).tolist())"
-    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "123"}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert torch.equal(torch.tensor(json.loads(other.stdout)), code)
-
-
 def test_videos_move_the_target_the_stated_way():
-    ds = data.SyntheticRefDataset(30, seed=5, video_fraction=1.0)
+    ds = testbed.SyntheticRefDataset(30, seed=5, video_fraction=1.0)
     for i in range(len(ds)):
         s = ds[i]
         assert s["is_video"] and len(s["frames"]) == 5
@@ -160,90 +145,38 @@ def test_coco_mask_reads_compressed_and_uncompressed_rle_and_empty():
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
     assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": rle["counts"].decode()}, 7, 9).numpy(), m)
     assert np.array_equal(data.coco_mask(rle, 7, 9).numpy(), m)  # bytes, as Sa2VA's mask_dict.pkl stores them
-    runs = uncompressed_counts(m)
+    runs = fixtures.uncompressed_counts(m)
     assert np.array_equal(data.coco_mask({"size": [7, 9], "counts": runs}, 7, 9).numpy(), m)
     assert not data.coco_mask([], 7, 9).any() and data.coco_mask([], 7, 9).shape == (7, 9)
-
-
-def uncompressed_counts(mask):
-    """COCO's uncompressed RLE counts: alternating 0/1 run lengths down the columns, starting with zeros."""
-    flat = mask.T.ravel()
-    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return [0] + runs if flat[0] else runs
 
 
 # ---------------------------------------------------------------------------------------------
 # readers on fixtures built in the official layouts
 
 
-def save_jpg(path, w=32, h=24, value=128):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (w, h), (value, value, value)).save(path)
-
-
-def official_rle(mask):
-    """A mask as MeViS/ReVOS mask_dict.json store it: pycocotools RLE, counts as str."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode()}
-
-
-POLYGON = [[100.5, 80.25, 300.75, 90.5, 280.0, 300.5, 120.25, 260.75], [400.0, 50.0, 500.5, 60.25, 450.25, 150.0]]
-
-
-def refcoco_fixture(root):
-    """refer-API layout (lichengunc/refer refer.py): {root}/refcocog/instances.json + refs(umd).p, COCO train2014 images.
-
-    Returns {ref_id: GT mask} for the val refs, computed as refer.py getMask / pycocotools annToRLE do.
-    """
-    save_jpg(root / "coco" / "train2014" / "COCO_train2014_000000000001.jpg", 640, 480)
-    crowd = np.zeros((480, 640), bool)
-    crowd[200:260, 10:90] = True
-    small = np.zeros((480, 640), bool)
-    small[5:9, 600:630] = True
-    instances = {"images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 480, "width": 640}],
-                 "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": POLYGON},
-                                 {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": []},
-                                 {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 1,
-                                  "segmentation": {"size": [480, 640], "counts": uncompressed_counts(crowd)}},
-                                 {"id": 13, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": official_rle(small)}],
-                 "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}]}
-
-    def ref(ref_id, ann_id, split, *sents):
-        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": 1, "split": split, "category_id": 1,
-                "file_name": "COCO_train2014_000000000001_%d.jpg" % ann_id, "sent_ids": list(range(len(sents))),
-                "sentences": [{"sent": s, "raw": s, "tokens": s.split(), "sent_id": i} for i, s in enumerate(sents)]}
-
-    refs = [ref(0, 10, "val", "the box", "grey box"), ref(1, 11, "val", "nothing"), ref(2, 99, "val", "dangling"),
-            ref(3, 10, "train", "train"), ref(4, 12, "val", "the crowd"), ref(5, 13, "val", "thin strip")]
-    os.makedirs(root / "refcocog")
-    json.dump(instances, open(root / "refcocog" / "instances.json", "w"))
-    pickle.dump(refs, open(root / "refcocog" / "refs(umd).p", "wb"))
-    polygon = mask_utils.decode(mask_utils.frPyObjects(POLYGON, 480, 640)).sum(axis=2) > 0
-    return {"0": polygon, "1": np.zeros((480, 640), bool), "4": crowd, "5": small}
 
 
 def test_refcocog_reader_gives_one_item_per_sentence_with_the_refer_api_mask(tmp_path):
     """Masks as lichengunc/refer refer.py getMask (pycocotools frPyObjects -> decode -> merge)."""
-    expected = refcoco_fixture(tmp_path)
-    before = data.WARNINGS["annotation points at nothing"]
+    expected = fixtures.refcoco_fixture(tmp_path)
+    before = common.WARNINGS["annotation points at nothing"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = data.build_dataset("refcocog", str(tmp_path))  # default split: val
-    assert data.WARNINGS["annotation points at nothing"] == before + 1
+    assert common.WARNINGS["annotation points at nothing"] == before + 1
     assert [(s["id"], s["exprs"]) for s in ds] == [("0", ["the box"]), ("0", ["grey box"]), ("1", ["nothing"]),
                                                     ("4", ["the crowd"]), ("5", ["thin strip"])]
-    empty = data.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"]
+    empty = common.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"]
     for s in ds:
         assert s["masks"].shape == (1, 1, 480, 640)
         assert np.array_equal(s["masks"][0, 0].numpy(), expected[s["id"]]), s["id"]
-    assert data.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"] == empty + 1  # "nothing"
+    assert common.WARNINGS["annotation with an empty segmentation (scored as an empty mask)"] == empty + 1  # "nothing"
     train = data.build_dataset("refcocog", str(tmp_path), train=True)
     assert len(train) == 1 and train[0]["exprs"] == ["train"]
 
 
 def test_missing_image_names_the_file(tmp_path):
-    refcoco_fixture(tmp_path)
+    fixtures.refcoco_fixture(tmp_path)
     os.remove(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -254,66 +187,23 @@ def test_missing_image_names_the_file(tmp_path):
         data.build_dataset("refcocog", str(tmp_path / "nope"), "val")
 
 
-PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * 756  # DAVIS/YouTube-VOS palette: index = object id
-
-
-def palette_png(path, array):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image = Image.fromarray(array.astype(np.uint8), mode="P")
-    image.putpalette(PALETTE)
-    image.save(path)
-
-
-def object_frames(t, h=24, w=32):
-    """Index map of frame t: object 1 moves down, object 2 fixed, object 3 only in frame 0."""
-    ann = np.zeros((h, w), np.uint8)
-    ann[t:t + 4, :4] = 1
-    ann[10:, 10:] = 2
-    if t == 0:
-        ann[:3, 20:] = 3
-    return ann
-
-
-def write_meta(path, videos):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    json.dump({"videos": videos}, open(path, "w"))
-
-
-def ytvos_fixture(root):
-    """Ref-YouTube-VOS as the 2021 challenge ships it (ReferFormer inference_ytvos.py): meta_expressions/{train,valid,test},
-    train/ with palette Annotations, valid/JPEGImages holding only the valid videos although
-    meta_expressions/valid also lists the test videos."""
-    frames = ["00000", "00005", "00010"]
-    train = {"v1": {"expressions": {"0": {"exp": "a red thing", "obj_id": "1"}, "1": {"exp": "green", "obj_id": "2"}},
-                    "frames": frames}}
-    write_meta(root / "meta_expressions" / "train" / "meta_expressions.json", train)
-    for t, f in enumerate(frames):
-        save_jpg(str(root / "train" / "JPEGImages" / "v1" / f"{f}.jpg"))
-        palette_png(str(root / "train" / "Annotations" / "v1" / f"{f}.png"), object_frames(t))
-    valid = {"vval": {"expressions": {"0": {"exp": "a dog"}, "1": {"exp": "a cat"}}, "frames": frames[:2]},
-             "vtest": {"expressions": {"0": {"exp": "a bird"}}, "frames": frames}}
-    write_meta(root / "meta_expressions" / "valid" / "meta_expressions.json", valid)
-    write_meta(root / "meta_expressions" / "test" / "meta_expressions.json", {"vtest": valid["vtest"]})
-    for f in frames[:2]:
-        save_jpg(str(root / "valid" / "JPEGImages" / "vval" / f"{f}.jpg"))
-    return frames
 
 
 def test_ytvos_train_reads_palette_annotations(tmp_path):
     """Ref-YouTube-VOS train: Annotations/<vid>/<frame>.png, palette index = obj_id of meta_expressions (ReferFormer datasets/ytvos.py)."""
-    ytvos_fixture(tmp_path / "ytvos")
+    fixtures.ytvos_fixture(tmp_path / "ytvos")
     train = data.build_dataset("ytvos", str(tmp_path), "train", train=True)
     for k, obj in enumerate((1, 2)):
         s = train[k]
-        expected = np.stack([object_frames(t) == obj for t in range(3)])
+        expected = np.stack([fixtures.object_frames(t) == obj for t in range(3)])
         assert np.array_equal(s["masks"][0].numpy(), expected) and len(s["frames"]) == 3
     lazy = data.build_dataset("ytvos", str(tmp_path), "train")[0]
-    assert len(lazy["frame_paths"]) == 3 and np.array_equal(lazy["load_masks"]([2])[0].numpy(), object_frames(2) == 1)
+    assert len(lazy["frame_paths"]) == 3 and np.array_equal(lazy["load_masks"]([2])[0].numpy(), fixtures.object_frames(2) == 1)
 
 
 def test_ytvos_valid_drops_the_test_videos_and_has_no_ground_truth(tmp_path):
     """ReferFormer inference_ytvos.py: valid videos = meta_expressions/valid minus meta_expressions/test (202 of 507)."""
-    ytvos_fixture(tmp_path / "ytvos")
+    fixtures.ytvos_fixture(tmp_path / "ytvos")
     ds = data.build_dataset("ytvos", str(tmp_path))  # default split: valid
     assert [s["id"] for s in ds] == ["vval/0", "vval/1"]
     assert all(s["load_masks"] is None for s in ds) and all(os.path.isfile(p) for p in ds[0]["frame_paths"])
@@ -324,82 +214,26 @@ def test_ytvos_valid_drops_the_test_videos_and_has_no_ground_truth(tmp_path):
         data.build_dataset("ytvos", str(tmp_path))
 
 
-def davis_fixture(root, layout):
-    """Ref-DAVIS17 train and valid in ReferFormer's layout (tools/data/convert_davis_to_ytvos.py: palette Annotations,
-    4 expressions per object) or in Sa2VA's/VISA's (<split>/mask_dict.pkl, one RLE list per expression numbered over
-    string-sorted videos and exp_ids, Sa2VA tools/eval/eval_davis.py get_meta_exp; RLEs as VISA
-    utils/d2_datasets/refytvos_utils.py encode_anno_mask). Returns the valid videos' meta."""
-    frames = ["00000", "00001", "00002"]
-    for split, objects_of in (("train", {"bear": (1,)}), ("valid", {"bike-packing": (1, 2), "dogs-jump": (1, 2, 3)})):
-        videos = {}
-        for vid, objects in objects_of.items():
-            exps = [{"exp": f"{vid} object {o} by annotator {a} ({kind})", "obj_id": str(o)}
-                    for o in objects for a in (1, 2) for kind in ("first", "full")]
-            videos[vid] = {"expressions": {str(i): e for i, e in enumerate(exps)}, "frames": frames}
-            for t, f in enumerate(frames):
-                save_jpg(str(root / split / "JPEGImages" / vid / f"{f}.jpg"))
-                if layout == "referformer":
-                    palette_png(str(root / split / "Annotations" / vid / f"{f}.png"), object_frames(t))
-        write_meta(root / "meta_expressions" / split / "meta_expressions.json", videos)
-        if layout == "sa2va":
-            mask_dict, count = {}, 0
-            for vid in sorted(videos):
-                for exp_id in sorted(videos[vid]["expressions"]):
-                    obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
-                    masks = [object_frames(t) == obj for t in range(3)]
-                    mask_dict[str(count)] = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) if m.any() else None
-                                             for m in masks]
-                    count += 1
-            pickle.dump(mask_dict, open(root / split / "mask_dict.pkl", "wb"))
-    return videos
-
-
 @pytest.mark.parametrize("layout", ["referformer", "sa2va"])
 def test_davis17_valid_in_both_layouts(tmp_path, layout):
     """Ref-DAVIS17 valid: 2 videos with 2 and 3 objects -> 8 + 12 expressions (both annotators pooled); GT = palette == obj_id."""
-    videos = davis_fixture(tmp_path / "davis17", layout)
+    videos = fixtures.davis_fixture(tmp_path / "davis17", layout)
     ds = data.build_dataset("davis17", str(tmp_path))  # default split: valid
     assert len(ds) == 20
     for s in ds:
         vid, exp_id = s["id"].split("/")
         obj = int(videos[vid]["expressions"][exp_id]["obj_id"])
         assert s["exprs"] == [videos[vid]["expressions"][exp_id]["exp"]]
-        expected = np.stack([object_frames(t) == obj for t in range(3)])
+        expected = np.stack([fixtures.object_frames(t) == obj for t in range(3)])
         assert np.array_equal(s["load_masks"](range(3)).numpy(), expected), s["id"]  # object 3: absent after frame 0
-
-
-def two_fish(t):
-    """Frame t of a MeViS/ReVOS fixture video: fish 7 leaves after frame 0, fish 8 stays."""
-    a, b = np.zeros((24, 32), bool), np.zeros((24, 32), bool)
-    a[:5, :5], b[10:15, 10 + t:15 + t] = True, True
-    return a if t == 0 else None, b
-
-
-def mevis_fixture(root, split, with_masks=True):
-    """MeViS (henghuiding/MeViS README): <split>/JPEGImages, meta_expressions.json, mask_dict.json of pycocotools
-    RLEs per anno_id and frame, None where the object is absent (valid: no mask_dict.json)."""
-    folder = root / "mevis" / split
-    frames = ["00000", "00001", "00002"]
-    meta = {"v": {"expressions": {"0": {"exp": "the two fish", "obj_id": [0, 1], "anno_id": [7, 8]},
-                                  "1": {"exp": "fish leaving", "obj_id": [0], "anno_id": [7]},
-                                  "2": {"exp": "one fish", "obj_id": [1], "anno_id": [8]}}, "frames": frames}}
-    if not with_masks:
-        meta = {"v": {"expressions": {k: {"exp": e["exp"]} for k, e in meta["v"]["expressions"].items()}, "frames": frames}}
-    write_meta(folder / "meta_expressions.json", meta)
-    if with_masks:
-        fish = [two_fish(t) for t in range(3)]
-        json.dump({"7": [official_rle(a) if a is not None else None for a, _ in fish],
-                   "8": [official_rle(b) for _, b in fish]}, open(folder / "mask_dict.json", "w"))
-    for f in frames:
-        save_jpg(str(folder / "JPEGImages" / "v" / f"{f}.jpg"))
 
 
 def test_mevis_gt_is_the_union_of_anno_ids_and_absent_objects_are_empty(tmp_path):
     """MeViS valid_u (henghuiding/MeViS lmpm/data/datasets/mevis.py): GT = union over anno_ids of the RLEs, None = absent."""
-    mevis_fixture(tmp_path, "valid_u")
+    fixtures.mevis_fixture(tmp_path, "valid_u")
     ds = data.build_dataset("mevis", str(tmp_path))  # default split: valid_u
     assert [s["exprs"][0] for s in ds] == ["the two fish", "fish leaving", "one fish"]
-    fish = [two_fish(t) for t in range(3)]
+    fish = [fixtures.two_fish(t) for t in range(3)]
     union = np.stack([(a if a is not None else False) | b for a, b in fish])
     assert np.array_equal(ds[0]["load_masks"](range(3)).numpy(), union)
     leaving = ds[1]["load_masks"](range(3)).numpy()
@@ -408,8 +242,8 @@ def test_mevis_gt_is_the_union_of_anno_ids_and_absent_objects_are_empty(tmp_path
 
 def test_absent_objects_train_as_empty_masks(tmp_path):
     """Sa2VA sa2va_data_03_refvos.py decode_mask: a None frame of mask_dict is an all-zero mask, never a skipped sample."""
-    mevis_fixture(tmp_path, "train")
-    json.dump({"7": [None, None, None], "8": [official_rle(two_fish(t)[1]) for t in range(3)]},
+    fixtures.mevis_fixture(tmp_path, "train")
+    json.dump({"7": [None, None, None], "8": [fixtures.official_rle(fixtures.two_fish(t)[1]) for t in range(3)]},
               open(tmp_path / "mevis" / "train" / "mask_dict.json", "w"))
     s = data.build_dataset("mevis", str(tmp_path), "train", train=True)[1]  # "fish leaving": absent in every frame
     assert s["masks"].shape == (1, 3, 24, 32) and not s["masks"].any()
@@ -417,39 +251,14 @@ def test_absent_objects_train_as_empty_masks(tmp_path):
 
 def test_mevis_valid_has_no_ground_truth(tmp_path):
     """MeViS valid ships frames and expressions only (henghuiding/MeViS README, 'Val set')."""
-    mevis_fixture(tmp_path, "valid", with_masks=False)
+    fixtures.mevis_fixture(tmp_path, "valid", with_masks=False)
     ds = data.build_dataset("mevis", str(tmp_path), "valid")
     assert len(ds) == 3 and all(s["load_masks"] is None for s in ds)
 
 
-def revos_fixture(root):
-    """ReVOS as released (cilinyan/ReVOS-api README 'File Structure'): JPEGImages/, mask_dict.json,
-    mask_dict_foreground.json ({vid: {"masks_rle": [RLE per frame]}}) and meta_expressions_{train,valid}_.json at the
-    root; expressions carry anno_id, obj_id and type_id (0 referring, 1 reasoning; VISA tools/eval_revos.py)."""
-    root = root / "revos"
-    frames = ["00000", "00001", "00002"]
-    fish = [two_fish(t) for t in range(3)]
-    expressions = {"0": {"exp": "the fish that swims away", "obj_id": [0], "anno_id": [7], "type_id": 0},
-                   "1": {"exp": "which fish would a cat catch first?", "obj_id": [1], "anno_id": [8], "type_id": 1},
-                   "2": {"exp": "all the fish", "obj_id": [0, 1], "anno_id": [7, 8], "type_id": 0}}
-    write_meta(root / "meta_expressions_valid_.json", {"vval": {"expressions": expressions, "frames": frames}})
-    write_meta(root / "meta_expressions_train_.json", {"vtrain": {"expressions": {"0": expressions["2"]}, "frames": frames}})
-    json.dump({"7": [official_rle(a) if a is not None else None for a, _ in fish],
-               "8": [official_rle(b) for _, b in fish]}, open(root / "mask_dict.json", "w"))
-    foreground = [(a if a is not None else False) | b for a, b in fish]
-    foreground[1] = foreground[1].copy()
-    foreground[1][20:, 20:] = True  # an object no expression refers to
-    json.dump({v: {"masks_rle": [official_rle(m) for m in foreground]} for v in ("vval", "vtrain")},
-              open(root / "mask_dict_foreground.json", "w"))
-    for vid in ("vval", "vtrain"):
-        for f in frames:
-            save_jpg(str(root / "JPEGImages" / vid / f"{f}.jpg"))
-    return fish, foreground
-
-
 def test_revos_reads_the_official_root_layout(tmp_path):
     """ReVOS valid (cilinyan/ReVOS-api README): 3 expressions with type_id, GT = union of anno_ids, foreground per video."""
-    fish, foreground = revos_fixture(tmp_path)
+    fish, foreground = fixtures.revos_fixture(tmp_path)
     ds = data.build_dataset("revos", str(tmp_path))  # default split: valid
     assert [(s["id"], s["type_id"]) for s in ds] == [("vval/0", 0), ("vval/1", 1), ("vval/2", 0)]
     empty = np.zeros((24, 32), bool)
@@ -462,37 +271,14 @@ def test_revos_reads_the_official_root_layout(tmp_path):
     assert all(s["load_masks"] is None for s in data.build_dataset("revos", str(tmp_path)))
 
 
-def llava_fixture(root):
-    """LLaVA-1.5 (haotian-liu/LLaVA README, Visual Instruction Tuning): llava_v1_5_mix665k.json + image folders such as
-    coco/train2017; some records have no "image" (text-only conversations)."""
-    save_jpg(str(root / "llava" / "coco" / "train2017" / "000000000009.jpg"))
-    records = [{"id": "img", "image": "coco/train2017/000000000009.jpg",
-                "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A grey square."}]},
-               {"id": "txt", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
-               {"id": "untagged", "image": "coco/train2017/000000000009.jpg",
-                "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]}]
-    json.dump(records, open(root / "llava" / "llava_v1_5_mix665k.json", "w"))
-    return records
-
-
 def test_llava_records_with_and_without_an_image(tmp_path):
     """LLaVA train.py LazySupervisedDataset: a record without "image" is text-only; preprocess_multimodal moves <image> to the front."""
-    records = llava_fixture(tmp_path)
+    records = fixtures.llava_fixture(tmp_path)
     ds = data.build_dataset("llava", str(tmp_path), train=True)
     with_image, text_only = ds[0], ds[1]
     assert with_image["conversation"][0]["value"] == "<image>\nWhat is it?" and len(with_image["frames"]) == 1
     assert text_only["frames"] == [] and text_only["conversation"] == records[1]["conversations"]
     assert ds[2]["conversation"][0]["value"] == "<image>\nColour?"
-
-
-def official_fixtures(root):
-    """Every dataset's fixture under one --data_root, each in its official layout."""
-    refcoco_fixture(root)
-    ytvos_fixture(root / "ytvos")
-    davis_fixture(root / "davis17", "referformer")
-    mevis_fixture(root, "train")
-    revos_fixture(root)
-    llava_fixture(root)
 
 
 TRAIN_MIX = "refcocog:1,ytvos:1,davis17:1,mevis:1,revos:1,llava:1"
@@ -503,13 +289,13 @@ def test_every_official_train_split_gives_training_batches(tmp_path):
     import losses
     import salma
 
-    official_fixtures(tmp_path)
+    fixtures.official_fixtures(tmp_path)
     mix = data.build_train_mix(TRAIN_MIX, str(tmp_path))
     assert [len(p) for p in mix.parts] == [1, 2, 4, 3, 1, 3]  # refcocog, ytvos, davis17, mevis, revos, llava
     cfg = salma.Config.from_preset("tiny")
-    model, tok = salma.build_salma(cfg)
+    model, tok = checkpoint.build_model(cfg)
     for i in range(len(mix)):
-        batch = data.make_train_batch([mix[i]], tok, model.cfg, [i])
+        batch = inputs.make_train_batch([mix[i]], tok, model.cfg, [i])
         loss, _ = losses.total_loss(losses.salma_loss_parts(model(batch), batch, losses.LossConfig()), losses.LossConfig(), 1.0)
         assert torch.isfinite(loss), i
         loss.backward()
@@ -548,12 +334,13 @@ def test_sampler_resumes_exactly_across_epochs():
     assert rest_a == rest_b and sorted(first[:7]) == list(range(7))
 
 
+@pytest.mark.slow
 def test_train_py_runs_on_the_official_mix(tmp_path):
     """train.py --data=<every dataset> on the official-layout fixtures: steps logged, checkpoint written."""
     import subprocess
     import sys
 
-    official_fixtures(tmp_path / "data")
+    fixtures.official_fixtures(tmp_path / "data")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--data={TRAIN_MIX}", f"--data_root={tmp_path / 'data'}",

@@ -9,32 +9,27 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import demo
-import eval as ev
 import plot
+import testbed
+import checkpoint
+import fixtures
+import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (200, 150)  # W x H, not square: a swapped axis shows up as a wrong size
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A train.py out_dir after 20 steps, and what train.py printed."""
-    out = tmp_path_factory.mktemp("trained")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=20", "--save_every=10", f"--out_dir={out}"],
-                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
-    return str(out), proc.stdout
 
 
-def run_demo(*flags):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), *flags], cwd=ROOT, capture_output=True,
+def run_demo(*flags, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), *flags], cwd=cwd, capture_output=True,
                           text=True, timeout=900)
 
 
 def scene(video):
     """A generated image or video sample of SIZE."""
-    dataset = data.SyntheticRefDataset(10, image_size=SIZE, seed=10_000, video_fraction=float(video))
+    dataset = testbed.SyntheticRefDataset(10, image_size=SIZE, seed=10_000, video_fraction=float(video))
     return next(s for s in (dataset[i] for i in range(10)) if s["exprs"])
 
 
@@ -42,21 +37,23 @@ def scene(video):
 # train.py: curves and summary
 
 
+@pytest.mark.slow
 def test_short_run_writes_curves_png_and_a_summary_line(trained):
     out, stdout = trained
     curves = Image.open(os.path.join(out, "curves.png"))
     assert curves.format == "PNG" and curves.width >= 800 and curves.height >= 300
     last = stdout.strip().splitlines()[-1]
-    assert last.startswith("trained 20 steps") and f"checkpoint {os.path.join(out, 'ckpt.pt')}" in last
+    assert last.startswith(f"trained {fixtures.TRAINED_STEPS} steps") and f"checkpoint {os.path.join(out, 'ckpt.pt')}" in last
     assert all(f"{part} " in last for part in ("loss", "lm", "bce", "dice", "tmc", "bound")) and "s wall" in last
 
 
+@pytest.mark.slow
 def test_plot_entry_point_on_a_log(trained, tmp_path):
     out, _ = trained
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), os.path.join(out, "log.jsonl"), f"--out={tmp_path / 'c.png'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(tmp_path / "c.png").format == "PNG" and proc.stdout.startswith("20 steps")
+    assert Image.open(tmp_path / "c.png").format == "PNG" and proc.stdout.startswith(f"{fixtures.TRAINED_STEPS} steps")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(tmp_path / "missing.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
@@ -66,6 +63,7 @@ def test_plot_entry_point_on_a_log(trained, tmp_path):
 # the demo end to end
 
 
+@pytest.mark.slow
 def test_demo_on_a_generated_image_writes_overlay_mask_and_figure_of_its_size(trained, tmp_path):
     sample = scene(video=False)
     image, expr = sample["frames"][0], sample["exprs"][0]
@@ -84,6 +82,7 @@ def test_demo_on_a_generated_image_writes_overlay_mask_and_figure_of_its_size(tr
     assert figure.width == 6 * (SIZE[0] + 10) + 10  # image | SALMA | G | attention | baseline | ground truth
 
 
+@pytest.mark.slow
 def test_demo_on_a_generated_video_writes_per_frame_files_and_gifs(trained, tmp_path):
     sample = scene(video=True)
     frames, expr = sample["frames"], sample["exprs"][0]
@@ -105,8 +104,9 @@ def test_demo_on_a_generated_video_writes_per_frame_files_and_gifs(trained, tmp_
     assert Image.open(out / "clip_compare.gif").n_frames == len(frames)
 
 
+@pytest.mark.slow
 def test_a_question_without_seg_prints_the_answer_and_writes_nothing(trained, tmp_path, monkeypatch, capsys):
-    model, tok = ev.load_model(trained[0])
+    model, tok = checkpoint.load_model(trained[0])
     seg, period = tok.token_to_id("[SEG]"), tok.encode(".").ids[0]
     real_generate, prompts = model.mllm.generate, []
 
@@ -116,7 +116,7 @@ def test_a_question_without_seg_prints_the_answer_and_writes_nothing(trained, tm
         return torch.where(ids == seg, period, ids), hidden
 
     monkeypatch.setattr(model.mllm, "generate", never_seg)
-    monkeypatch.setattr(ev, "load_model", lambda *args, **kwargs: (model, tok))
+    monkeypatch.setattr(checkpoint, "model_from_flags", lambda *args, **kwargs: (model, tok))
     scene(video=False)["frames"][0].save(tmp_path / "scene.png")
     demo.main([f"--ckpt={trained[0]}", f"--image={tmp_path / 'scene.png'}", "--text=What colour is the circle?",
                f"--out_dir={tmp_path / 'out'}"])
@@ -127,6 +127,7 @@ def test_a_question_without_seg_prints_the_answer_and_writes_nothing(trained, tm
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_bad_inputs_and_missing_checkpoint_give_one_line(trained, tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image")
     image = tmp_path / "scene.png"
@@ -140,11 +141,12 @@ def test_bad_inputs_and_missing_checkpoint_give_one_line(trained, tmp_path):
         "no such file or folder": [f"--ckpt={trained[0]}", f"--video={tmp_path / 'missing'}", "--text=the red circle"],
     }
     for expected, flags in cases.items():
-        proc = run_demo(*flags)
+        proc = run_demo(*flags, cwd=tmp_path)  # a folder without out/tiny: no default checkpoint there
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0] and lines[0].startswith("demo.py: "), (flags, proc.stderr)
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     proc = run_demo("--help")
     assert proc.returncode == 0
@@ -183,7 +185,7 @@ def test_mask_figure_has_labelled_panels_titles_with_iou_and_the_painted_masks(t
 
 
 def test_painted_mask_stays_visible_on_every_scene_colour():
-    for name, colour in data.COLOURS.items():
+    for name, colour in testbed.COLOURS.items():
         image = Image.new("RGB", (40, 40), colour)
         mask = np.zeros((40, 40), bool)
         mask[10:30, 10:30] = True
@@ -192,4 +194,4 @@ def test_painted_mask_stays_visible_on_every_scene_colour():
         assert np.abs(fill - np.array(colour)).sum() > 100, name  # the fill is far from the object's colour
         edge = plot.boundary_band(mask, 2)
         assert (painted[edge] == 255).all(-1).any() and (painted[edge] == 0).all(-1).any(), name  # white and black
-        assert (painted[~plot.dilate(mask, 3)] == colour).all(), name  # untouched away from the mask
+        assert (painted[~metrics.dilate(mask, 3)] == colour).all(), name  # untouched away from the mask

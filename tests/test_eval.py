@@ -12,9 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+import fixtures
 import eval as ev
 import salma
+import testbed
+import checkpoint
+import metrics
+import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +35,7 @@ def box(h, w, y0, y1, x0, x1):
 
 def test_ciou_giou_hand_computed_with_edge_cases():
     """A missing prediction is left out of cIoU and counts 0 in gIoU: Sa2VA projects/llava_sam2/evaluation/dataset/RES.py evaluate."""
-    meter = ev.RefSegMeter()
+    meter = metrics.RefSegMeter()
     meter.add(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 2, 0, 4))  # I=4, U=8 -> 0.5
     meter.add(np.zeros((10, 10), bool), np.zeros((10, 10), bool))  # both empty -> IoU 1, I=U=0
     meter.add(None, box(10, 10, 9, 10, 9, 10))  # missing: not in cIoU, 0 in gIoU
@@ -44,7 +48,7 @@ def test_ciou_giou_hand_computed_with_edge_cases():
 
 
 def test_ciou_by_area_buckets():
-    meter = ev.RefSegMeter()
+    meter = metrics.RefSegMeter()
     meter.add(box(100, 100, 0, 1, 0, 1), box(100, 100, 0, 1, 0, 1))  # area 0.01%: perfect
     meter.add(np.zeros((100, 100), bool), box(100, 100, 0, 3, 0, 5))  # 0.15%: missed (U = 15)
     meter.add(box(100, 100, 0, 10, 0, 10), box(100, 100, 0, 10, 0, 20))  # 2%: I=100, U=200
@@ -59,40 +63,40 @@ def test_ciou_by_area_buckets():
 
 
 def test_j_hand_computed():
-    assert ev.db_eval_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
-    assert ev.db_eval_iou(box(4, 4, 0, 2, 0, 2), np.zeros((4, 4), bool)) == 0.0
-    assert ev.db_eval_iou(box(4, 4, 0, 2, 0, 2), box(4, 4, 0, 2, 0, 4)) == 0.5
+    assert metrics.iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert metrics.iou(box(4, 4, 0, 2, 0, 2), np.zeros((4, 4), bool)) == 0.0
+    assert metrics.iou(box(4, 4, 0, 2, 0, 2), box(4, 4, 0, 2, 0, 4)) == 0.5
 
 
 def test_seg2bmap_of_a_square():
-    b = ev.seg2bmap(box(6, 6, 1, 4, 1, 4))  # a 3x3 square at rows/cols 1..3
+    b = metrics.seg2bmap(box(6, 6, 1, 4, 1, 4))  # a 3x3 square at rows/cols 1..3
     expected = np.zeros((6, 6), bool)
     # a pixel is boundary when it differs from its east, south or south-east neighbour: the pixels just
     # above/left of the square, and the square's own bottom row and right column
     expected[0, 0:4] = expected[0:4, 0] = expected[3, 1:4] = expected[1:4, 3] = True
     assert (b == expected).all()
     # a mask touching the borders: the image edge is no boundary (last row/column compare along the edge only)
-    assert not ev.seg2bmap(np.ones((3, 3), bool)).any()
-    right = ev.seg2bmap(box(3, 3, 0, 3, 1, 3))  # columns 1-2 filled: only column 0 (left of the edge) is boundary
+    assert not metrics.seg2bmap(np.ones((3, 3), bool)).any()
+    right = metrics.seg2bmap(box(3, 3, 0, 3, 1, 3))  # columns 1-2 filled: only column 0 (left of the edge) is boundary
     assert right.tolist() == [[True, False, False], [True, False, False], [True, False, False]]
 
 
 def test_f_edge_cases():
     empty, square = np.zeros((20, 20), bool), box(20, 20, 5, 10, 5, 10)
-    assert ev.f_measure(empty, empty) == 1.0
-    assert ev.f_measure(square, empty) == 0.0  # no predicted boundary: precision 1, recall 0
-    assert ev.f_measure(empty, square) == 0.0  # no GT boundary: precision 0, recall 1
-    assert ev.f_measure(square, square) == 1.0
+    assert metrics.f_measure(empty, empty) == 1.0
+    assert metrics.f_measure(square, empty) == 0.0  # no predicted boundary: precision 1, recall 0
+    assert metrics.f_measure(empty, square) == 0.0  # no GT boundary: precision 0, recall 1
+    assert metrics.f_measure(square, square) == 1.0
     pixel = box(20, 20, 19, 20, 19, 20)  # a one-pixel object in the corner: its 3 up/left neighbours are boundary
-    assert ev.seg2bmap(pixel).sum() == 3 and ev.f_measure(pixel, pixel) == 1.0
+    assert metrics.seg2bmap(pixel).sum() == 3 and metrics.f_measure(pixel, pixel) == 1.0
     far = box(20, 20, 0, 1, 0, 1)  # radius ceil(0.008 * 28.3) = 1 px: far-apart pixels do not match
-    assert ev.f_measure(pixel, far) == 0.0
+    assert metrics.f_measure(pixel, far) == 0.0
 
 
 def f_by_distances(gt, pred, bound_th=0.008):
     """F written differently: a boundary pixel matches if one of the other's lies within the disk radius."""
     radius = math.ceil(bound_th * math.hypot(*gt.shape))
-    pb, gb = np.argwhere(ev.seg2bmap(pred)), np.argwhere(ev.seg2bmap(gt))
+    pb, gb = np.argwhere(metrics.seg2bmap(pred)), np.argwhere(metrics.seg2bmap(gt))
     if len(pb) == 0 and len(gb) == 0:
         return 1.0
     if len(pb) == 0 or len(gb) == 0:
@@ -113,11 +117,11 @@ def test_f_measure_matches_a_per_pixel_distance_formulation():
             for _ in range(rng.integers(0, 3)):
                 y, x = rng.integers(0, h), rng.integers(0, w)
                 m[y:y + rng.integers(1, h // 2 + 2), x:x + rng.integers(1, w // 2 + 2)] = True
-        assert ev.f_measure(gt, pred) == pytest.approx(f_by_distances(gt, pred), abs=1e-12)
+        assert metrics.f_measure(gt, pred) == pytest.approx(f_by_distances(gt, pred), abs=1e-12)
 
 
 def test_jf_meter_averages_per_expression_over_all_frames():
-    meter = ev.JFMeter()
+    meter = metrics.JFMeter()
     sq = box(20, 20, 5, 10, 5, 10)
     meter.add("a", [sq, None], [sq, sq])  # J: 1, 0 ; F: 1, 0
     meter.add("b", [sq], [sq])
@@ -145,15 +149,15 @@ def test_accuracy_and_robustness_match_visa():
         foreground = gt | (rng.random((20, 30)) < rng.random())
         pred = rng.random((20, 30)) < rng.random() * 0.5
         a, r = visa_accuracy_robustness(gt, pred, foreground)
-        assert ev.accuracy(gt, pred) == pytest.approx(a) and ev.robustness(gt, pred, foreground) == pytest.approx(r)
-    assert ev.robustness(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 10, 0, 10), box(10, 10, 0, 2, 0, 5)) == 0.0  # clipped at 0
+        assert metrics.accuracy(gt, pred) == pytest.approx(a) and metrics.robustness(gt, pred, foreground) == pytest.approx(r)
+    assert metrics.robustness(box(10, 10, 0, 2, 0, 2), box(10, 10, 0, 10, 0, 10), box(10, 10, 0, 2, 0, 5)) == 0.0  # clipped at 0
 
 
 def test_revos_summary_averages_the_two_subsets():
     """VISA tools/eval_revos.py: per subset (type_id 0 referring, 1 reasoning) means; overall = mean of the two subset means."""
     rows = [{"type_id": 0, "J": 0.2, "F": 0.4, "A": 0.9, "R": 0.5}, {"type_id": 0, "J": 0.4, "F": 0.6, "A": 0.7, "R": 0.7},
             {"type_id": 1, "J": 0.9, "F": 1.0, "A": 1.0, "R": 1.0}]
-    r = ev.summarize(rows, is_video=True)
+    r = metrics.summarize(rows, is_video=True)
     assert r["referring_J"] == pytest.approx(30) and r["referring_J&F"] == pytest.approx(40) and r["reasoning_R"] == pytest.approx(100)
     assert r["J"] == pytest.approx((30 + 90) / 2) and r["J&F"] == pytest.approx((40 + 95) / 2) and r["R"] == pytest.approx((60 + 100) / 2)
     assert (r["N"], r["N_referring"], r["N_reasoning"]) == (3, 2, 1)
@@ -163,12 +167,10 @@ def test_revos_summary_averages_the_two_subsets():
 # end to end: a tiny trained checkpoint on synthetic, RefCOCOg and MeViS fixtures, the YTVOS zip
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=30", "--save_every=30", f"--out_dir={out}"],
-                   cwd=ROOT, check=True, capture_output=True)
-    return str(out)
+@pytest.fixture
+def run_dir(trained):
+    """The shared tiny trained run's --out_dir (conftest.trained)."""
+    return trained[0]
 
 
 def run_eval(*flags):
@@ -176,11 +178,12 @@ def run_eval(*flags):
                           capture_output=True, text=True)
 
 
-def test_eval_synthetic_images_and_videos_write_every_field(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_synthetic_images_and_videos_write_every_field(run_dir, tmp_path):
     for dataset, fields in (("synthetic", {"cIoU", "gIoU", "cIoU<1%", "cIoU<2%", "cIoU<5%", "cIoUall", "N"}),
                             ("synthetic_video", {"J", "F", "J&F", "N"})):
         out = tmp_path / dataset
-        proc = run_eval(f"--dataset={dataset}", f"--ckpt={trained}", "--num_samples=3", f"--out_dir={out}", "--force_seg=True")
+        proc = run_eval(f"--dataset={dataset}", f"--ckpt={run_dir}", "--num_samples=3", f"--out_dir={out}", "--force_seg=True")
         assert proc.returncode == 0, proc.stderr
         metrics = json.load(open(out / "metrics.json"))
         assert fields | {"dataset", "mba"} <= set(metrics) and metrics["N"] >= 3
@@ -192,8 +195,8 @@ def test_eval_synthetic_images_and_videos_write_every_field(trained, tmp_path):
 
 def test_mask_outcome_names_the_objects_a_mask_took():
     """On a generated scene: the target's own mask, it with a neighbour, a neighbour alone, and a sliver."""
-    scene = data.SyntheticRefDataset(1, video_fraction=0.0)[0]
-    _, objects = data.render(scene["objects"], scene["frames"][0].size)
+    scene = testbed.SyntheticRefDataset(1, video_fraction=0.0)[0]
+    _, objects = testbed.render(scene["objects"], scene["frames"][0].size)
     objects = objects.numpy()
     target, other = scene["targets"][0], (scene["targets"][0] + 1) % len(objects)
     assert ev.mask_outcome(objects[target], objects, target) == "target"
@@ -206,31 +209,32 @@ def test_mask_outcome_names_the_objects_a_mask_took():
     assert ev.mask_outcome(np.zeros_like(sliver), objects, target) == "none"
 
 
-def test_a_checkpoint_evaluates_and_exports_the_same_every_time(trained, tmp_path):
+@pytest.mark.slow
+def test_a_checkpoint_evaluates_and_exports_the_same_every_time(run_dir, tmp_path):
     """Every weight, the frozen SAM-2 image encoder included, comes back from the run directory."""
     runs = []
     for name in ("a", "b"):
-        proc = run_eval(f"--ckpt={trained}", "--num_samples=4", f"--out_dir={tmp_path / name}", "--force_seg=True")
+        proc = run_eval(f"--ckpt={run_dir}", "--num_samples=4", f"--out_dir={tmp_path / name}", "--force_seg=True")
         assert proc.returncode == 0, proc.stderr
         runs.append((open(tmp_path / name / "metrics.json").read(), open(tmp_path / name / "predictions.jsonl").read()))
     assert runs[0] == runs[1]
     for name in ("x", "y"):
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={trained}", f"--export={tmp_path / name}"],
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={run_dir}", f"--export={tmp_path / name}"],
                        cwd=ROOT, check=True, capture_output=True)
     x, y = (load_file(tmp_path / name / "model.safetensors") for name in ("x", "y"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    state = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)["model"]
+    state = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["model"]
     encoder = [k for k in state if k.startswith("grounding.sam2_model.image_encoder.")]
-    assert encoder and all(torch.equal(state[k], x[salma.rename_key(k, to_ours=False)]) for k in encoder)
+    assert encoder and all(torch.equal(state[k], x[checkpoint.rename_key(k, to_ours=False)]) for k in encoder)
 
 
-def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_path):
-    from test_data import refcoco_fixture
+@pytest.mark.slow
+def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(run_dir, tmp_path):
 
-    refcoco_fixture(tmp_path)
+    fixtures.refcoco_fixture(tmp_path)
     for mba in ("True", "False"):
         out = tmp_path / f"out_{mba}"
-        proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--mba={mba}", f"--out_dir={out}",
+        proc = run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--mba={mba}", f"--out_dir={out}",
                         "--max_new_tokens=24")  # generated, as Sa2VA evaluates; a 30-step model rarely stops by itself
         assert proc.returncode == 0, proc.stderr
         metrics = json.load(open(out / "metrics.json"))
@@ -239,11 +243,11 @@ def test_eval_refcocog_fixture_and_baseline_on_the_same_checkpoint(trained, tmp_
         assert metrics["missing"] == sum(r["missing"] for r in rows)  # generated answers without [SEG], counted
 
 
-def test_eval_mevis_fixture(trained, tmp_path):
-    from test_data import mevis_fixture
+@pytest.mark.slow
+def test_eval_mevis_fixture(run_dir, tmp_path):
 
-    mevis_fixture(tmp_path, "valid_u")
-    proc = run_eval("--dataset=mevis", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    fixtures.mevis_fixture(tmp_path, "valid_u")
+    proc = run_eval("--dataset=mevis", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
     assert metrics["N"] == 3 and {"J", "F", "J&F"} <= set(metrics)
@@ -257,13 +261,13 @@ def zip_contents(path):
         return {name: set(np.unique(np.array(Image.open(z.open(name)))).tolist()) for name in z.namelist()}
 
 
-def test_eval_ytvos_valid_writes_the_challenge_zip(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_ytvos_valid_writes_the_challenge_zip(run_dir, tmp_path):
     """Ref-YouTube-VOS valid (ReferFormer inference_ytvos.py): the test videos are dropped; the zip holds
     Annotations/<video>/<exp_id>/<frame>.png with 0/255 masks."""
-    from test_data import ytvos_fixture
 
-    frames = ytvos_fixture(tmp_path / "ytvos")
-    proc = run_eval("--dataset=ytvos", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    frames = fixtures.ytvos_fixture(tmp_path / "ytvos")
+    proc = run_eval("--dataset=ytvos", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     contents = zip_contents(tmp_path / "out" / "submission.zip")
     assert sorted(contents) == [f"Annotations/vval/{e}/{f}.png" for e in ("0", "1") for f in frames[:2]]
@@ -272,24 +276,24 @@ def test_eval_ytvos_valid_writes_the_challenge_zip(trained, tmp_path):
     assert "N" not in metrics and metrics["expressions"] == 2 and "submission.zip" in proc.stdout
 
 
-def test_eval_mevis_valid_writes_the_codalab_zip(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_mevis_valid_writes_the_codalab_zip(run_dir, tmp_path):
     """MeViS valid (henghuiding/MeViS README, CodaLab guideline): <video>/<exp_id>/<frame>.png at the zip root."""
-    from test_data import mevis_fixture
 
-    mevis_fixture(tmp_path, "valid", with_masks=False)
-    proc = run_eval("--dataset=mevis", "--split=valid", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    fixtures.mevis_fixture(tmp_path, "valid", with_masks=False)
+    proc = run_eval("--dataset=mevis", "--split=valid", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     contents = zip_contents(tmp_path / "out" / "submission.zip")
     assert sorted(contents) == [f"v/{e}/{f:05d}.png" for e in ("0", "1", "2") for f in range(3)]
     assert set().union(*contents.values()) <= {0, 255} and "submission.zip" in proc.stdout
 
 
-def test_eval_davis17_sa2va_layout(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_davis17_sa2va_layout(run_dir, tmp_path):
     """Ref-DAVIS17 valid from Sa2VA's valid/mask_dict.pkl, scored per expression over all frames (Sa2VA tools/eval/eval_davis.py)."""
-    from test_data import davis_fixture
 
-    davis_fixture(tmp_path / "davis17", "sa2va")
-    proc = run_eval("--dataset=davis17", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}",
+    fixtures.davis_fixture(tmp_path / "davis17", "sa2va")
+    proc = run_eval("--dataset=davis17", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--out_dir={tmp_path / 'out'}",
                     "--force_seg=True", "--limit=3")
     assert proc.returncode == 0, proc.stderr
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
@@ -298,12 +302,12 @@ def test_eval_davis17_sa2va_layout(trained, tmp_path):
     assert metrics["J&F"] == pytest.approx(100 * (np.mean([r["J"] for r in rows]) + np.mean([r["F"] for r in rows])) / 2)
 
 
-def test_eval_revos_scores_both_subsets_with_robustness(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_revos_scores_both_subsets_with_robustness(run_dir, tmp_path):
     """ReVOS valid in the released layout (cilinyan/ReVOS-api), scored as VISA tools/eval_revos.py."""
-    from test_data import revos_fixture
 
-    revos_fixture(tmp_path)
-    proc = run_eval("--dataset=revos", f"--data_root={tmp_path}", f"--ckpt={trained}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
+    fixtures.revos_fixture(tmp_path)
+    proc = run_eval("--dataset=revos", f"--data_root={tmp_path}", f"--ckpt={run_dir}", f"--out_dir={tmp_path / 'out'}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     metrics = json.load(open(tmp_path / "out" / "metrics.json"))
     rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
@@ -313,14 +317,16 @@ def test_eval_revos_scores_both_subsets_with_robustness(trained, tmp_path):
     assert metrics["R"] == pytest.approx(100 * (referring + rows[1]["R"]) / 2)
 
 
+@pytest.mark.slow
 def test_eval_without_data_says_what_to_download():
     proc = run_eval("--dataset=mevis", "--data_root=/nonexistent")
     assert proc.returncode != 0
     assert "mask_dict.json" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_visualize_writes_side_by_side_figures(trained, tmp_path):
-    proc = run_eval(f"--ckpt={trained}", "--visualize=1", f"--out_dir={tmp_path}", "--force_seg=True")
+@pytest.mark.slow
+def test_visualize_writes_side_by_side_figures(run_dir, tmp_path):
+    proc = run_eval(f"--ckpt={run_dir}", "--visualize=1", f"--out_dir={tmp_path}", "--force_seg=True")
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
 
@@ -328,10 +334,11 @@ def test_visualize_writes_side_by_side_figures(trained, tmp_path):
     assert figure.width == 6 * (192 + 10) + 10  # image | SALMA | gate | attention | baseline | ground truth, native 192 px
 
 
-def test_eval_runs_in_bf16_with_masks_close_to_fp32(trained, tmp_path):
+@pytest.mark.slow
+def test_eval_runs_in_bf16_with_masks_close_to_fp32(run_dir, tmp_path):
     preds = {}
     for dtype in ("float32", "bfloat16"):
-        proc = run_eval(f"--ckpt={trained}", "--num_samples=4", f"--out_dir={tmp_path / dtype}", "--force_seg=True", f"--dtype={dtype}")
+        proc = run_eval(f"--ckpt={run_dir}", "--num_samples=4", f"--out_dir={tmp_path / dtype}", "--force_seg=True", f"--dtype={dtype}")
         assert proc.returncode == 0, proc.stderr
         preds[dtype] = [json.loads(line) for line in open(tmp_path / dtype / "predictions.jsonl")]
     assert len(preds["float32"]) == len(preds["bfloat16"]) >= 4
@@ -343,41 +350,37 @@ def test_eval_runs_in_bf16_with_masks_close_to_fp32(trained, tmp_path):
 # bad inputs end with one line naming the file or flag, a non-zero exit, no traceback
 
 
-def assert_one_line_error(proc, *names):
-    """The process failed, printed no traceback, and its last line names what was wrong."""
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert all(name in last for name in names), last
 
 
-def test_bad_checkpoints_images_and_flags_give_one_line(trained, tmp_path):
+@pytest.mark.slow
+def test_bad_checkpoints_images_and_flags_give_one_line(run_dir, tmp_path):
     import shutil
 
-    from test_data import refcoco_fixture
 
     truncated = tmp_path / "truncated"
-    shutil.copytree(trained, truncated)
+    shutil.copytree(run_dir, truncated)
     data_bytes = open(truncated / "ckpt.pt", "rb").read()
     open(truncated / "ckpt.pt", "wb").write(data_bytes[: len(data_bytes) // 2])
-    assert_one_line_error(run_eval(f"--ckpt={truncated}"), "ckpt.pt", "unreadable")
+    fixtures.assert_one_line_error(run_eval(f"--ckpt={truncated}"), "ckpt.pt", "unreadable")
     official = tmp_path / "official"
     os.makedirs(official)
-    json.dump(salma.hf_config(salma.Config.from_preset("tiny"), "Sa2VAChatModel"), open(official / "config.json", "w"))
-    salma.tiny_tokenizer().save(str(official / "tokenizer.json"))
+    json.dump(checkpoint.hf_config(salma.Config.from_preset("tiny"), "Sa2VAChatModel"), open(official / "config.json", "w"))
+    inputs.tiny_tokenizer(checkpoint.TINY_WORDS).save(str(official / "tokenizer.json"))
     open(official / "model.safetensors", "wb").write(os.urandom(4096))
-    assert_one_line_error(run_eval(f"--ckpt={official}"), "model.safetensors", "unreadable")
-    refcoco_fixture(tmp_path)
+    fixtures.assert_one_line_error(run_eval(f"--ckpt={official}"), "model.safetensors", "unreadable")
+    fixtures.refcoco_fixture(tmp_path)
     image = tmp_path / "coco" / "train2014" / "COCO_train2014_000000000001.jpg"
     open(image, "wb").write(b"not a jpeg")
-    assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}"), image.name)
+    fixtures.assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={run_dir}"), image.name)
     os.remove(image)
-    assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={trained}"), image.name, "not found")
-    assert_one_line_error(run_eval("--split=nonsense"), "--split")
-    assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'nowhere'}"), "nowhere")
+    fixtures.assert_one_line_error(run_eval("--dataset=refcocog", f"--data_root={tmp_path}", f"--ckpt={run_dir}"), image.name, "not found")
+    fixtures.assert_one_line_error(run_eval("--split=nonsense"), "--split")
+    fixtures.assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'nowhere'}"), "nowhere")
 
 
+@pytest.mark.slow
 def test_ablate_writes_table_2_with_every_configuration_and_the_distractor_split(tmp_path):
-    """ablate.py at a toy budget: every configuration of Table 2 is trained, scored on both generated splits,
+    """ablate.py at a toy budget: every configuration of Table 2 is run_dir, scored on both generated splits,
     and written to results.json, table.md and chart.png (the numbers themselves are in the README)."""
     out = tmp_path / "ablate"
     subprocess.run([sys.executable, os.path.join(ROOT, "ablate.py"), "--seeds=1", "--max_steps=2", "--num_samples=2",

@@ -8,6 +8,7 @@ import sys
 
 import av
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -17,14 +18,18 @@ import data
 import eval as eval_module
 import losses
 import salma
-import test_data
+import fixtures
+import common
+import checkpoint
+import inputs
+import metrics
 
 TINY = salma.Config.from_preset("tiny")
 
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    model, tok = salma.build_salma(TINY)
+    model, tok = checkpoint.build_model(TINY)
     return model.eval(), tok
 
 
@@ -95,7 +100,7 @@ def test_region_prompt_layout_and_tokens_match_sa2va(monkeypatch):
         return torch.tensor([tok.token_to_id("<|im_end|>")]), [torch.zeros(1, input_ids.shape[1], TINY.llm_hidden)] * (TINY.llm_layers + 1)
 
     monkeypatch.setattr(model.mllm, "generate", fake_generate)
-    question = "<image>\n" + salma.REGION_QUESTION
+    question = "<image>\n" + inputs.REGION_QUESTION
     assert model.describe_region(image, masks, tok) == ""
     assert seen["pixel_values"].shape[0] == 3  # 2x1 grid + thumbnail: the regions read the thumbnail
     with torch.inference_mode():
@@ -110,9 +115,9 @@ def test_region_tokens_are_the_thumbnail_tokens_under_each_mask():
     grid = torch.zeros(2, 4, 4, dtype=torch.bool)
     grid[0, 1, 2] = grid[0, 3, 0] = True
     grid[1, 0, 0] = True
-    index = salma.region_context_index(num_tiles=3, tokens_per_tile=16, grid_masks=grid, first_tile=2)
+    index = inputs.region_context_index(num_tiles=3, tokens_per_tile=16, grid_masks=grid, first_tile=2)
     assert index.tolist() == list(range(32, 80)) + [64 + 6, 64 + 12] + [64 + 0]
-    text = salma.region_prompt(grid)
+    text = inputs.region_prompt(grid)
     assert text == ("\nThere are 2 part regions in the picture: region1<vp>" + "<IMG_CONTEXT>" * 2 + "</vp>, "
                     "region2<vp><IMG_CONTEXT></vp>.\n")
 
@@ -136,7 +141,7 @@ def gcg_sample():
 def test_every_seg_of_a_caption_supervises_its_own_mask_and_question():
     _, tok = tiny_model()
     s = gcg_sample()
-    batch = data.make_train_batch([s], tok, TINY, seeds=[0])
+    batch = inputs.make_train_batch([s], tok, TINY, seeds=[0])
     low = TINY.sam_image_size // 4
     assert batch["seg_index"][:, 0].tolist() == [0, 0, 0] and batch["pair_seg"].tolist() == [0, 1, 2]
     for k in range(3):
@@ -162,11 +167,11 @@ def test_every_seg_of_a_caption_supervises_its_own_mask_and_question():
 def test_long_conversations_are_cut_at_turn_boundaries_and_counted():
     _, tok = tiny_model()
     s = gcg_sample()
-    full = data.make_train_batch([s], tok, TINY, seeds=[0])
+    full = inputs.make_train_batch([s], tok, TINY, seeds=[0])
     second_turn = int((full["input_ids"][0] == tok.token_to_id("<|im_start|>")).nonzero()[2])
-    before = data.WARNINGS["conversation cut at a turn boundary to fit the context"]
-    cut = data.make_train_batch([s], tok, TINY, seeds=[0], max_tokens=second_turn + 3)
-    assert data.WARNINGS["conversation cut at a turn boundary to fit the context"] == before + 1
+    before = common.WARNINGS["conversation cut at a turn boundary to fit the context"]
+    cut = inputs.make_train_batch([s], tok, TINY, seeds=[0], max_tokens=second_turn + 3)
+    assert common.WARNINGS["conversation cut at a turn boundary to fit the context"] == before + 1
     assert cut["input_ids"].shape[1] == second_turn
     assert torch.equal(cut["input_ids"][0], full["input_ids"][0, :second_turn])
     assert cut["seg_index"].shape[0] == 2 and torch.equal(cut["pair_masks"], full["pair_masks"][:2])
@@ -284,7 +289,7 @@ def test_gcg_readers_in_sa2va_layouts(tmp_path):
         assert question.startswith("<image>\n") and question[len("<image>\n"):] in data.GCG_QUESTIONS
         assert s["turns"][0][1].count("[SEG]") == s["masks"].shape[0] == 2
     _, tok = tiny_model()
-    batch = data.make_train_batch([refcocog], tok, TINY, seeds=[0])
+    batch = inputs.make_train_batch([refcocog], tok, TINY, seeds=[0])
     low = TINY.sam_image_size // 4
     assert batch["pair_seg"].tolist() == [0, 1]
     for k in range(2):
@@ -319,7 +324,7 @@ def test_sav_reader_samples_objects_and_annotated_frames(tmp_path):
     assert raw == sorted(raw) and all(t % 4 == 0 for t in raw) and len(set(raw)) == 5
     for k, (question, answer) in enumerate(s["turns"]):
         expr = question.removeprefix("<image>").removeprefix("Please segment the object according to the description: ")
-        assert question.startswith("<image>Please segment" if k == 0 else "Please segment") and answer in data.SEG_ANSWERS
+        assert question.startswith("<image>Please segment" if k == 0 else "Please segment") and answer in inputs.SEG_ANSWERS
         for j, t in enumerate(raw):
             want = mask_utils.decode(compressed(masklet[t // 4]))[:, :, objects[expr]] > 0  # Sa2VA's decode_masklet
             assert torch.equal(s["masks"][k, j], torch.from_numpy(want))
@@ -382,7 +387,7 @@ def test_osprey_reader_region_prompts_and_text_match_sa2va(tmp_path):
     assert torch.equal(s["prompt_masks"], torch.from_numpy(official))
     assert s["turns"] == [("<image>What is region1?", "A red box."), ("And region2?", "A ball.")]
     _, tok = tiny_model()
-    batch = data.make_train_batch([s], tok, TINY, seeds=[0])
+    batch = inputs.make_train_batch([s], tok, TINY, seeds=[0])
     grid = F.interpolate(s["prompt_masks"].float()[None], size=(4, 4), mode="nearest")[0]
     n_tiles = batch["pixel_values"].shape[0]
     text = official_osprey_text(n_tiles, [int(m.sum()) for m in grid], json.load(open(tmp_path / "osprey-724k/Osprey-724K/osprey_conversation.json"))[0]["conversations"])
@@ -408,7 +413,7 @@ def test_video_chat_reader_samples_one_frame_per_segment(tmp_path):
     assert s["turns"] == [("<image>\nWhat happens?", "Nothing moves."), ("What colour is it?", "Grey.")]
     assert s["masks"].shape == (0, 5, 48, 64) and s["is_video"]
     _, tok = tiny_model()
-    batch = data.make_train_batch([s], tok, TINY, seeds=[0])
+    batch = inputs.make_train_batch([s], tok, TINY, seeds=[0])
     frames = "\n".join(["<img>" + "<IMG_CONTEXT>" * 16 + "</img>"] * 5)  # prepare_text: frame tokens joined by '\n', stripped
     text = (f"<|im_start|>user\n{frames}\nWhat happens?<|im_end|>\n<|im_start|>assistant\nNothing moves.<|im_end|>\n"
             "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\nGrey.<|im_end|>\n")
@@ -423,7 +428,7 @@ FULL_MIX = "refcoco:4,refcoco+:4,refcocog:4,gcg:1,mevis:4,revos:10,ytvos:4,davis
 
 def full_mix_fixtures(root):
     """Every source of the paper's training mix under one --data_root, each in its official layout."""
-    test_data.official_fixtures(root)
+    fixtures.official_fixtures(root)
     for name in ("refcoco", "refcoco+"):  # the refer-API layout of RefCOCO/+ : refs(unc).p
         shutil.copytree(root / "refcocog", root / name)
         os.rename(root / name / "refs(umd).p", root / name / "refs(unc).p")
@@ -438,13 +443,13 @@ def full_mix_fixtures(root):
 def test_one_training_step_on_each_new_source_trains_every_group(tmp_path):
     full_mix_fixtures(tmp_path)
     torch.manual_seed(0)
-    model, tok = salma.build_salma(TINY)
+    model, tok = checkpoint.build_model(TINY)
     salma.set_trainable(model, "full")
     model.train()
     for name in ("gcg", "sav", "osprey", "video_chat"):
         model.zero_grad()
         ds = data.build_dataset(name, str(tmp_path), train=True)
-        batch = data.make_train_batch([ds[0], ds[len(ds) - 1]], tok, TINY, seeds=[0, 1])
+        batch = inputs.make_train_batch([ds[0], ds[len(ds) - 1]], tok, TINY, seeds=[0, 1])
         parts = losses.salma_loss_parts(model(batch, ramp=1.0), batch, losses.LossConfig())
         loss, logs = losses.total_loss(parts, losses.LossConfig(), 1.0)
         loss.backward()
@@ -456,6 +461,7 @@ def test_one_training_step_on_each_new_source_trains_every_group(tmp_path):
             assert model.grounding.sam2_model.sam_mask_decoder.iou_token.weight.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_train_py_runs_the_papers_whole_mix(tmp_path):
     """train.py --data=<the paper's mix with its repeat factors> on official-layout fixtures of every source."""
     full_mix_fixtures(tmp_path / "data")
@@ -479,17 +485,17 @@ def test_train_py_runs_the_papers_whole_mix(tmp_path):
 def test_gcg_answer_parsing_miou_and_matching_by_hand():
     """GLaMM's rules, written from bytedance/Sa2VA projects/llava_sam2/evaluation/gcg_eval.py
     (process_and_save_output) and metrics_gcg.py (compute_miou, find_best_matches), commit d01bf3f."""
-    caption, phrases = eval_module.parse_gcg_answer("<p> A cat </p> [SEG] on <p> a mat </p> [SEG].<|im_end|>")
+    caption, phrases = metrics.parse_gcg_answer("<p> A cat </p> [SEG] on <p> a mat </p> [SEG].<|im_end|>")
     assert caption == "A cat on a mat ." and phrases == ["A cat", "a mat"]  # "[SEG]." leaves " ." as in Sa2VA
     a, b, half_a = box(10, 10, 0, 0, 4, 5), box(10, 10, 5, 0, 10, 10), box(10, 10, 0, 0, 2, 5)
-    assert eval_module.gcg_miou([a, half_a], [a, b]) == 1.0  # after (a, a) only IoU 0 is left: pairing stops
-    assert eval_module.gcg_miou([half_a], [a, b]) == 0.5
-    assert eval_module.gcg_miou([], [a]) == 0.0
-    assert eval_module.gcg_matches([a, b], [a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2
-    assert eval_module.gcg_matches([a, b], [b, a], [[0.0, 0.9], [0.9, 0.0]]) == 2  # pairs by IoU, not by order
-    assert eval_module.gcg_matches([a, b], [a, b], [[0.1, 0.0], [0.0, 0.9]]) == 0  # the best-IoU pair fails: search ends
-    assert eval_module.gcg_matches([a, b], [half_a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2  # IoU 0.5 counts
-    assert eval_module.gcg_matches([a], [box(10, 10, 0, 0, 1, 5)], [[0.9]]) == 0  # IoU 0.25 does not
+    assert metrics.gcg_miou([a, half_a], [a, b]) == 1.0  # after (a, a) only IoU 0 is left: pairing stops
+    assert metrics.gcg_miou([half_a], [a, b]) == 0.5
+    assert metrics.gcg_miou([], [a]) == 0.0
+    assert metrics.gcg_matches([a, b], [a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2
+    assert metrics.gcg_matches([a, b], [b, a], [[0.0, 0.9], [0.9, 0.0]]) == 2  # pairs by IoU, not by order
+    assert metrics.gcg_matches([a, b], [a, b], [[0.1, 0.0], [0.0, 0.9]]) == 0  # the best-IoU pair fails: search ends
+    assert metrics.gcg_matches([a, b], [half_a, b], [[0.9, 0.0], [0.0, 0.9]]) == 2  # IoU 0.5 counts
+    assert metrics.gcg_matches([a], [box(10, 10, 0, 0, 1, 5)], [[0.9]]) == 0  # IoU 0.25 does not
 
 
 GCG_EVAL = [("A cat on a mat.", ["A cat", "a mat"], [(0, 0, 20, 20), (0, 30, 64, 48)], (200, 30, 30)),
@@ -513,6 +519,7 @@ def gcg_eval_fixture(root):
     json_dump({"images": images, "annotations": masks, "categories": [{"id": 1, "name": "object"}]}, str(folder / "val_gcg_coco_mask_gt.json"))
 
 
+@pytest.mark.slow
 def test_eval_gcg_scores_the_ground_truth_answer_perfectly_and_a_wrong_mask_lower(tmp_path, monkeypatch):
     gcg_eval_fixture(tmp_path)
     calls = []
@@ -530,17 +537,17 @@ def test_eval_gcg_scores_the_ground_truth_answer_perfectly_and_a_wrong_mask_lowe
             return answer, torch.from_numpy(np.stack([box(48, 64, *bx) for bx in boxes]))
         return segment
 
-    monkeypatch.setattr(eval_module, "load_model", lambda *a, **k: tiny_model())
-    monkeypatch.setattr(eval_module, "bert_similarity", lambda path: lambda gt, pred: [[float(g == p) for p in pred] for g in gt])
-    metrics = {}
+    monkeypatch.setattr(checkpoint, "model_from_flags", lambda *a, **k: tiny_model())
+    monkeypatch.setattr(metrics, "bert_similarity", lambda path: lambda gt, pred: [[float(g == p) for p in pred] for g in gt])
+    scores = {}
     for wrong in (False, True):
         monkeypatch.setattr(eval_module, "segment_answer", answer_with(wrong))
         out = tmp_path / f"out_{wrong}"
-        metrics[wrong] = eval_module.main(["--dataset=gcg", f"--data_root={tmp_path}", "--ckpt=given", f"--out_dir={out}",
+        scores[wrong] = eval_module.main(["--dataset=gcg", f"--data_root={tmp_path}", "--ckpt=given", f"--out_dir={out}",
                                            "--bert_dir=stub", "--quiet"])
-        assert json.load(open(out / "metrics.json"))["mIoU"] == metrics[wrong]["mIoU"]
+        assert json.load(open(out / "metrics.json"))["mIoU"] == scores[wrong]["mIoU"]
     assert calls[0] == data.GCG_QUESTION and len(calls) == 4
-    right, wrong = metrics[False], metrics[True]
+    right, wrong = scores[False], scores[True]
     assert right["mIoU"] == 1.0 and right["recall"] == 1.0 and right["AP50"] == 1.0 and right["METEOR"] > 0.9
     assert abs(wrong["mIoU"] - (1 + 20 / 64) / 2 / 2 - 0.5) < 1e-9  # image 0: (1 + 20/64) / 2, image 1: 1
     assert abs(wrong["recall"] - 2 / 3) < 1e-9 and wrong["AP50"] < 1.0

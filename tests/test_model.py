@@ -10,6 +10,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 import salma
+import testbed
+import checkpoint
+import inputs
 
 TINY = salma.Config.from_preset("tiny")
 
@@ -17,8 +20,8 @@ TINY = salma.Config.from_preset("tiny")
 def tiny_internvl(seed=0):
     """A random tiny InternVL and its tokenizer."""
     torch.manual_seed(seed)
-    tok, cfg, ids = salma.prepare_tokenizer(TINY)
-    model = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
+    tok, cfg, ids = checkpoint.prepare_tokenizer(TINY)
+    model = salma.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
     with torch.no_grad():  # LayerScale and norms away from their init so every weight matters
         for name, p in model.named_parameters():
             if p.ndim == 1:
@@ -28,9 +31,9 @@ def tiny_internvl(seed=0):
 
 def prompt_with_image(tok, cfg, image):
     """Token ids (1, L) of a Sa2VA-style prompt with one image, and its pixels."""
-    pixels = salma.mllm_pixels([image], cfg, is_video=False)
-    media = salma.media_placeholder(pixels.shape[0], cfg, is_video=False)
-    ids, _, _ = salma.encode_turns(tok, [("<image>\nPlease segment the red circle.", None)], "", media)
+    pixels = inputs.mllm_pixels([image], cfg, is_video=False)
+    media = inputs.media_placeholder(pixels.shape[0], cfg, is_video=False)
+    ids, _, _ = inputs.encode_turns(tok, [("<image>\nPlease segment the red circle.", None)], "", media)
     return ids[None], pixels
 
 
@@ -140,12 +143,12 @@ def test_official_layout_round_trip_and_key_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, tok, cfg = tiny_internvl()
-    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    checkpoint.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
     names = set(load_file(tmp_path / "model.safetensors"))
     assert "vision_model.encoder.layers.0.ls1" in names and "language_model.model.layers.1.self_attn.q_proj.bias" in names
     assert "language_model.lm_head.weight" in names and "mlp1.3.weight" in names
     assert json.load(open(tmp_path / "config.json"))["llm_config"]["num_hidden_layers"] == cfg.llm_layers
-    loaded, tok2 = salma.load_internvl(str(tmp_path))
+    loaded, tok2 = checkpoint.load_internvl(str(tmp_path))
     ids, pixels = prompt_with_image(tok2, cfg, random_image())
     with torch.no_grad():
         assert torch.equal(model(ids, pixels)["logits"], loaded(ids, pixels)["logits"])
@@ -154,19 +157,19 @@ def test_official_layout_round_trip_and_key_errors(tmp_path):
     del sd["mlp1.1.bias"]
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing 1 keys.*mlp1.1.bias"):
-        salma.load_internvl(str(tmp_path))
+        checkpoint.load_internvl(str(tmp_path))
     sd["mlp1.1.bias"] = torch.zeros(cfg.llm_hidden)
     sd["vision_model.extra.weight"] = torch.zeros(1)
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected 1 keys.*vision_model.extra.weight"):
-        salma.load_internvl(str(tmp_path))
+        checkpoint.load_internvl(str(tmp_path))
 
 
 def test_sharded_checkpoint_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, tok, cfg = tiny_internvl()
-    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    checkpoint.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
     sd = load_file(tmp_path / "model.safetensors")
     os.remove(tmp_path / "model.safetensors")
     keys = sorted(sd)
@@ -175,7 +178,7 @@ def test_sharded_checkpoint_loads(tmp_path):
         save_file({k: sd[k] for k in part}, tmp_path / name)
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
     json.dump(index, open(tmp_path / "model.safetensors.index.json", "w"))
-    loaded, _ = salma.load_internvl(str(tmp_path))
+    loaded, _ = checkpoint.load_internvl(str(tmp_path))
     assert torch.equal(loaded.mlp1[3].weight, model.mlp1[3].weight)
 
 
@@ -183,22 +186,22 @@ def test_internvl_checkpoint_without_sa2va_tokens_grows_the_vocabulary(tmp_path)
     from safetensors.torch import load_file, save_file
 
     model, tok, cfg = tiny_internvl()
-    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
-    n_new = len(salma.SA2VA_TOKENS)  # the tiny tokenizer adds them last: drop them as InternVL2.5 has none
+    checkpoint.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    n_new = len(inputs.SA2VA_TOKENS)  # the tiny tokenizer adds them last: drop them as InternVL2.5 has none
     old = cfg.vocab_size - n_new
     sd = load_file(tmp_path / "model.safetensors")
     for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
         sd[key] = sd[key][:old].clone()
     save_file(sd, tmp_path / "model.safetensors")
     for name, edit in (("config.json", lambda c: c["llm_config"].update(vocab_size=old)),
-                       ("tokenizer.json", lambda t: t.update(added_tokens=[a for a in t["added_tokens"] if a["content"] not in salma.SA2VA_TOKENS]))):
+                       ("tokenizer.json", lambda t: t.update(added_tokens=[a for a in t["added_tokens"] if a["content"] not in inputs.SA2VA_TOKENS]))):
         content = json.load(open(tmp_path / name))
         edit(content)
         json.dump(content, open(tmp_path / name, "w"))
-    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(salma.SEG) is None
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(inputs.SEG) is None
 
-    loaded, tok2 = salma.load_internvl(str(tmp_path))
-    assert tok2.token_to_id(salma.SEG) == tok.token_to_id(salma.SEG) == old
+    loaded, tok2 = checkpoint.load_internvl(str(tmp_path))
+    assert tok2.token_to_id(inputs.SEG) == tok.token_to_id(inputs.SEG) == old
     for key in ("embed_tokens", "lm_head"):
         weight, original = getattr(loaded.language_model, key).weight, getattr(model.language_model, key).weight
         assert weight.shape[0] == cfg.vocab_size and torch.equal(weight[:old], original[:old])
@@ -212,11 +215,11 @@ def test_tied_lm_head_is_saved_once_and_tied_again_on_load(tmp_path):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    tok, cfg, ids = salma.prepare_tokenizer(salma.Config.from_preset("tiny", tie_word_embeddings=True))
-    model = salma.InternVL(cfg, ids[salma.IMG_CONTEXT]).eval()
-    salma.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
+    tok, cfg, ids = checkpoint.prepare_tokenizer(salma.Config.from_preset("tiny", tie_word_embeddings=True))
+    model = salma.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
+    checkpoint.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
     assert "language_model.lm_head.weight" not in load_file(tmp_path / "model.safetensors")
-    loaded, _ = salma.load_internvl(str(tmp_path))
+    loaded, _ = checkpoint.load_internvl(str(tmp_path))
     assert loaded.language_model.lm_head.weight is loaded.language_model.embed_tokens.weight
     prompt, pixels = prompt_with_image(tok, cfg, random_image())
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_tied_lm_head_is_saved_once_and_tied_again_on_load(tmp_path):
 
 def test_missing_directory_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        salma.load_internvl(str(tmp_path / "nope"))
+        checkpoint.load_internvl(str(tmp_path / "nope"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,16 +239,16 @@ def test_vocab_merges_tokenizer_gives_the_same_ids_as_tokenizer_json(tmp_path):
     from tokenizers import models as tok_models, trainers
 
     corpus = ["the small red circle left of the blue square", "please segment the largest green triangle"] * 20
-    bpe = salma.qwen_byte_level(tok_models.BPE())
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=salma.pre_tokenizers.ByteLevel.alphabet()))
-    bpe.add_special_tokens(salma.QWEN_SPECIALS)
+    bpe = inputs.qwen_byte_level(tok_models.BPE())
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=inputs.pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_special_tokens(inputs.QWEN_SPECIALS)
     bpe.save(str(tmp_path / "tokenizer.json"))
     bpe.model.save(str(tmp_path))  # vocab.json + merges.txt
-    specials = {t: bpe.token_to_id(t) for t in salma.QWEN_SPECIALS}
+    specials = {t: bpe.token_to_id(t) for t in inputs.QWEN_SPECIALS}
     json.dump(specials, open(tmp_path / "added_tokens.json", "w"))
-    from_json = salma.load_tokenizer(str(tmp_path))
+    from_json = inputs.load_tokenizer(str(tmp_path))
     os.remove(tmp_path / "tokenizer.json")
-    from_files = salma.load_tokenizer(str(tmp_path))
+    from_files = inputs.load_tokenizer(str(tmp_path))
     text = "<|im_start|>user\n<img><IMG_CONTEXT></img>\nPlease segment the small red circle.<|im_end|>\n"
     assert from_json.encode(text).ids == from_files.encode(text).ids
     assert from_files.encode(text).ids[0] == specials["<|im_start|>"]
@@ -255,26 +258,24 @@ def test_vocab_merges_tokenizer_gives_the_same_ids_as_tokenizer_json(tmp_path):
 def test_tiny_tokenizer_reads_testbed_words_as_single_tokens_and_is_reproducible():
     """Every word of the generated expressions, the training questions/answers and eval's prompts is one
     token (any case, after a space or not); other text round-trips through bytes; two builds are identical."""
-    import data
-
-    tok = salma.tiny_tokenizer()
-    scenes = data.SyntheticRefDataset(200, seed=3)
-    texts = [e for i in range(len(scenes)) for e in scenes[i]["exprs"]] + data.SEG_QUESTIONS + data.SEG_ANSWERS
-    texts += [salma.eval_prompt("the red circle", video) for video in (False, True)] + [salma.REGION_QUESTION]
+    tok = inputs.tiny_tokenizer(checkpoint.TINY_WORDS)
+    scenes = testbed.SyntheticRefDataset(200, seed=3)
+    texts = [e for i in range(len(scenes)) for e in scenes[i]["exprs"]] + inputs.SEG_QUESTIONS + inputs.SEG_ANSWERS
+    texts += [inputs.eval_prompt("the red circle", video) for video in (False, True)] + [inputs.REGION_QUESTION]
     for text in texts:
         text = text.replace("<image>\n", "").replace("[SEG]", "")
         pieces = [p.lstrip("Ġ") for p in tok.encode(text).tokens if re.search("[A-Za-z]", p)]
         assert pieces == re.findall(r"[A-Za-z]+", text), (text, pieces)
     other = "Zebra quagga, naïve façade 42!"
     assert tok.decode(tok.encode(other).ids) == other
-    assert tok.to_str() == salma.tiny_tokenizer().to_str()
+    assert tok.to_str() == inputs.tiny_tokenizer(checkpoint.TINY_WORDS).to_str()
 
 
 def test_encode_turns_marks_user_words_and_answer_labels():
-    tok, cfg, ids = salma.prepare_tokenizer(TINY)
-    media = salma.media_placeholder(1, cfg, is_video=False)
-    input_ids, labels, text = salma.encode_turns(tok, [("<image>\nfind the cat", "It is [SEG]."), ("and the dog", "[SEG].")], "", media)
-    assert (input_ids == ids[salma.IMG_CONTEXT]).sum() == cfg.num_image_tokens
+    tok, cfg, ids = checkpoint.prepare_tokenizer(TINY)
+    media = inputs.media_placeholder(1, cfg, is_video=False)
+    input_ids, labels, text = inputs.encode_turns(tok, [("<image>\nfind the cat", "It is [SEG]."), ("and the dog", "[SEG].")], "", media)
+    assert (input_ids == ids[inputs.IMG_CONTEXT]).sum() == cfg.num_image_tokens
     assert tok.decode(input_ids[text[0]].tolist()) == "\nfind the cat"
     assert tok.decode(input_ids[text[1]].tolist()) == "and the dog"
     assert not (text[0] & text[1]).any()
@@ -312,8 +313,8 @@ def test_pixel_shuffle_hand_computed():
                                                  ((800, 600), 12, (4, 3)), ((800, 600), 6, (3, 2)),
                                                  ((100, 1000), 12, (1, 10)), ((800, 600), 1, (1, 1))])
 def test_tiling_picks_the_closest_aspect_ratio(size, max_tiles, grid):
-    assert salma.choose_grid(*size, max_tiles, 448) == grid
-    tiles = salma.dynamic_tiles(Image.new("RGB", size), max_tiles, 448)
+    assert inputs.choose_grid(*size, max_tiles, 448) == grid
+    tiles = inputs.dynamic_tiles(Image.new("RGB", size), max_tiles, 448)
     n = grid[0] * grid[1]
     assert len(tiles) == (n + 1 if n > 1 else 1) and all(t.size == (448, 448) for t in tiles)
 
@@ -321,7 +322,7 @@ def test_tiling_picks_the_closest_aspect_ratio(size, max_tiles, grid):
 def test_tiles_are_crops_in_row_major_order():
     image = Image.new("RGB", (896, 448))
     image.paste((255, 0, 0), (448, 0, 896, 448))  # right half red
-    left, right, thumb = salma.dynamic_tiles(image, 12, 448)
+    left, right, thumb = inputs.dynamic_tiles(image, 12, 448)
     assert left.getpixel((10, 10)) == (0, 0, 0) and right.getpixel((10, 10)) == (255, 0, 0)
     assert thumb.getpixel((10, 10)) == (0, 0, 0) and thumb.getpixel((440, 10)) == (255, 0, 0)
 
@@ -381,15 +382,15 @@ def test_image_prompt_equals_transformers_internvl_processor():
     from transformers import GotOcr2ImageProcessor, InternVLProcessor
 
     cfg = salma.Config.from_preset("sa2va-1b")
-    tok, _, _ = salma.prepare_tokenizer(TINY)
+    tok, _, _ = checkpoint.prepare_tokenizer(TINY)
     image = random_image(w=1000, h=600)
     processor = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12)
     num_tiles = processor.get_number_of_image_patches(600, 1000)
-    assert salma.mllm_pixels([image], cfg, is_video=False).shape[0] == num_tiles > 2
+    assert inputs.mllm_pixels([image], cfg, is_video=False).shape[0] == num_tiles > 2
     reference = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>", image_seq_length=256)
     media = InternVLProcessor.replace_image_token(reference, {"num_patches": [num_tiles]}, 0)
-    question = salma.eval_prompt("the red circle", is_video=False)
-    ours, _, _ = salma.encode_turns(tok, [(question, None)], "", salma.media_placeholder(num_tiles, cfg, is_video=False))
+    question = inputs.eval_prompt("the red circle", is_video=False)
+    ours, _, _ = inputs.encode_turns(tok, [(question, None)], "", inputs.media_placeholder(num_tiles, cfg, is_video=False))
     assert ours.tolist() == sa2va_prompt_ids(tok, question.replace("<image>", media))
     assert question == "<image>\n Please segment the red circle in this image."
 
@@ -405,10 +406,10 @@ def test_video_prompt_equals_sa2va_predict_forward():
     with num_image_tokens = patch_token (256) for a video, and the question "<image>\\nPlease segment {expr}.".
     """
     cfg = salma.Config.from_preset("sa2va-1b")
-    tok, _, _ = salma.prepare_tokenizer(TINY)
+    tok, _, _ = checkpoint.prepare_tokenizer(TINY)
     official = (("<img>" + "<IMG_CONTEXT>" * 256 + "</img>") + "\n") * 5
     official = official.strip()
-    question = salma.eval_prompt("the cat jumping", is_video=True)
-    ours, _, _ = salma.encode_turns(tok, [(question, None)], "", salma.media_placeholder(5, cfg, is_video=True))
+    question = inputs.eval_prompt("the cat jumping", is_video=True)
+    ours, _, _ = inputs.encode_turns(tok, [(question, None)], "", inputs.media_placeholder(5, cfg, is_video=True))
     assert ours.tolist() == sa2va_prompt_ids(tok, question.replace("<image>", official))
     assert question == "<image>\nPlease segment the cat jumping."

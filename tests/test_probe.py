@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-import eval as ev
 import probe
-import salma
-from test_eval import assert_one_line_error
+import checkpoint
+import fixtures
+import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +44,9 @@ def run_probe(*flags):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
-    proc = run_probe("--num_samples=8", "--steps=50", f"--out_dir={tmp_path}")
+    proc = run_probe("--ckpt=random", "--num_samples=8", "--steps=50", f"--out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(tmp_path / "probe.json"))
     assert result["expressions"] >= 8 and list(result["by_feature"]) == ["z_seg", "F_v at the target", "LLM image token at the target"]
@@ -55,8 +57,8 @@ def test_probe_command_writes_its_table_and_fails_in_one_line(tmp_path):
                 assert 0 <= row[name]["accuracy"] <= 100 and 0 < row[name]["majority"] <= 100
     assert "| feature | kind | N | colour | shape | size | column | row |" in proc.stdout
     assert result["image_reliance"] > 0.1  # a random LLM already mixes the image into z_seg
-    assert_one_line_error(run_probe("--ckpt=/nowhere"), "--ckpt", "/nowhere")
-    assert_one_line_error(run_probe("--train_frac=1.5"), "--train_frac")
+    fixtures.assert_one_line_error(run_probe("--ckpt=/nowhere"), "--ckpt", "/nowhere")
+    fixtures.assert_one_line_error(run_probe("--train_frac=1.5"), "--train_frac")
     help_text = run_probe("--help").stdout
     assert all(f"--{flag}" in help_text for flag in ("ckpt", "num_samples", "train_frac", "steps", "out_dir"))
 
@@ -76,10 +78,10 @@ def test_target_labels_place_the_centre_in_the_grid():
 
 
 def random_model_and_frame():
-    """The random tiny model eval.py builds without --ckpt, and a 192 px noise image."""
+    """The random tiny model of --ckpt random, and a 192 px noise image."""
     from PIL import Image
 
-    model, _ = ev.load_model("")
+    model, _ = checkpoint.model_from_flags("random")
     return model, Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8))
 
 
@@ -91,7 +93,7 @@ def test_target_features_average_sams_image_embedding_over_each_mask():
     masks[1, :, :96] = True
     pooled = probe.target_features(model, frame, masks)  # (2, C)
     with torch.inference_mode():
-        embed = model.grounding.encode_image(salma.sam_pixels([frame], model.cfg.sam_image_size))["image_embed"][0]  # (C, h, w)
+        embed = model.grounding.encode_image(inputs.sam_pixels([frame], model.cfg.sam_image_size))["image_embed"][0]  # (C, h, w)
     assert torch.allclose(pooled[0], embed.mean((1, 2)), atol=1e-5)
     assert torch.allclose(pooled[1], embed[:, :, : embed.shape[2] // 2].mean((1, 2)), atol=1e-5)
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
@@ -103,6 +105,6 @@ def test_image_token_at_takes_the_llm_token_over_each_centre():
     model, frame = random_model_and_frame()
     tokens = probe.image_token_at(model, frame, [{"cx": 150, "cy": 20}, {"cx": 47, "cy": 100}])  # (2, D)
     with torch.inference_mode():
-        grid = model.mllm.extract_feature(salma.mllm_pixels([frame], model.cfg, is_video=False))[-1]  # (16, D)
+        grid = model.mllm.extract_feature(inputs.mllm_pixels([frame], model.cfg, is_video=False))[-1]  # (16, D)
     assert len(grid) == 16
     assert torch.equal(tokens[0], grid[3]) and torch.equal(tokens[1], grid[8])

@@ -5,16 +5,18 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import data
 import losses
 import salma
+import common
+import checkpoint
+import inputs
 
 TINY = salma.Config.from_preset("tiny")
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model, tok = salma.build_salma(salma.Config.from_preset("tiny", **overrides))
+    model, tok = checkpoint.build_model(salma.Config.from_preset("tiny", **overrides))
     return model.eval(), tok
 
 
@@ -59,7 +61,7 @@ def test_image_path_matches_sam2_image_predictor(multimask):
                                         multimask_output=multimask, return_logits=True, normalize_coords=False)
     best_ref = torch.from_numpy(low_ref[iou.argmax()])
     with torch.no_grad():
-        enc = grounding.encode_image(salma.sam_pixels([image], 256))
+        enc = grounding.encode_image(inputs.sam_pixels([image], 256))
         ours = grounding.decode(enc["image_embed"], enc["high_res_feats"])[0, 0]
     assert (ours.clamp(-32, 32) - best_ref).abs().max() < 1e-4
 
@@ -89,7 +91,7 @@ def test_postprocess_upsamples_to_the_original_size():
 
 
 def test_mba_off_is_the_sa2va_baseline_bit_for_bit():
-    batch = data.make_train_batch([sample()], salma.prepare_tokenizer(TINY)[0], TINY, [7])
+    batch = inputs.make_train_batch([sample()], checkpoint.prepare_tokenizer(TINY)[0], TINY, [7])
     salma_model, _ = tiny_model(seed=1, mba=True)
     baseline, _ = tiny_model(seed=1, mba=False)
     baseline.load_state_dict({k: v for k, v in salma_model.state_dict().items() if not k.startswith("mba.")})
@@ -168,11 +170,11 @@ def test_resolve_mba_layers():
 @pytest.mark.parametrize("mba_layers", ["last", "all"])
 def test_one_step_gives_finite_gradients_to_every_trainable_group(mba_layers):
     torch.manual_seed(0)
-    model, tok = salma.build_salma(salma.Config.from_preset("tiny", mba_layers=mba_layers, gamma_init=0.1))
+    model, tok = checkpoint.build_model(salma.Config.from_preset("tiny", mba_layers=mba_layers, gamma_init=0.1))
     salma.set_trainable(model, "full")
     model.train()
     cfg = model.cfg
-    batch = data.make_train_batch([sample(), sample(video=True)], tok, cfg, [1, 2])
+    batch = inputs.make_train_batch([sample(), sample(video=True)], tok, cfg, [1, 2])
     assert batch["pair_seg"].tolist() == [0, 1] + [2] * 5 + [3] * 5
     out = model(batch, ramp=1.0)
     loss, logs = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
@@ -180,7 +182,7 @@ def test_one_step_gives_finite_gradients_to_every_trainable_group(mba_layers):
     loss.backward()
     groups = {"router": "mba.0.router", "mba": "mba.0.attn", "gamma": "mba.0.gamma", "text_hidden_fcs": "text_hidden_fcs",
               "decoder": "grounding.sam2_model.sam_mask_decoder", "llm": "mllm.language_model.layers",
-              "sam2_encoder": "grounding.sam2_model.image_encoder"}  # from scratch it trains too (DESIGN §3 tiny)
+              "sam2_encoder": "grounding.sam2_model.image_encoder"}  # from scratch it trains too (the tiny preset)
     for group, prefix in groups.items():
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix) and p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), group
@@ -215,7 +217,7 @@ def test_video_memory_is_used_and_stays_bounded():
 
     sam._prepare_memory_conditioned_features = spy
     frames = [scene(shift=t % 7)[0] for t in range(30)]
-    masks_a = list(salma.segment_video(model, frames.__getitem__, 30, "the red square", tok, force_seg=True))
+    list(salma.segment_video(model, frames.__getitem__, 30, "the red square", tok, force_seg=True))
     keep = max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)
     assert len(sizes) == 30 - model.cfg.num_cond_frames
     assert max(sizes) <= model.cfg.num_cond_frames + keep
@@ -249,7 +251,7 @@ def sam2_track_step_reference(model, frames, z_seg):
     sam, bank, outs = model.grounding.sam2_model, {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}, []
     no_point = {"point_coords": torch.zeros(1, 1, 2), "point_labels": -torch.ones(1, 1, dtype=torch.int32)}
     for t, frame in enumerate(frames):
-        _, feats, pos, sizes = sam._prepare_backbone_features(sam.forward_image(salma.sam_pixels([frame], 256)))
+        _, feats, pos, sizes = sam._prepare_backbone_features(sam.forward_image(inputs.sam_pixels([frame], 256)))
         is_cond = t < model.cfg.num_cond_frames
         with append_sparse_token(sam.sam_prompt_encoder, z_seg) if is_cond else torch.no_grad():
             out = sam.track_step(t, is_cond, feats, pos, sizes, no_point if is_cond else None, None, bank, len(frames))
@@ -301,7 +303,7 @@ def test_video_pre_pass_reads_each_frame_without_memory(monkeypatch):
     list(salma.segment_video(model, frames.__getitem__, len(frames), "the red square", tok, force_seg=True))
     assert len(seen) == len(frames)
     for frame, embed in zip(frames, seen):
-        expected = model.grounding.encode_image(salma.sam_pixels([frame], 256))["image_embed"]
+        expected = model.grounding.encode_image(inputs.sam_pixels([frame], 256))["image_embed"]
         assert torch.allclose(embed, expected, atol=1e-6)
 
 
@@ -310,28 +312,28 @@ def test_sam2_checkpoint_loads_and_a_wrong_key_is_named(tmp_path):
     other, _ = tiny_model(seed=1)
     path = tmp_path / "sam2_tiny.pt"
     torch.save({"model": model.grounding.sam2_model.state_dict()}, path)
-    salma.load_sam2_checkpoint(other.grounding, str(path))
+    checkpoint.load_sam2_checkpoint(other.grounding, str(path))
     assert torch.equal(other.grounding.sam2_model.no_mem_embed, model.grounding.sam2_model.no_mem_embed)
     sd = model.grounding.sam2_model.state_dict()
     sd["sam_mask_decoder.bogus"] = sd.pop("sam_mask_decoder.iou_token.weight")
     torch.save({"model": sd}, path)
     with pytest.raises(ValueError, match=r"missing 1 keys.*iou_token.*unexpected 1 keys.*bogus"):
-        salma.load_sam2_checkpoint(other.grounding, str(path))
+        checkpoint.load_sam2_checkpoint(other.grounding, str(path))
 
 
 def test_sa2va_checkpoint_round_trip_and_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, tok = tiny_model(seed=0, mba=False)
-    salma.save_official(model, tok, tmp_path)
+    checkpoint.save_official(model, tok, tmp_path)
     names = set(load_file(tmp_path / "model.safetensors"))
     assert "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight" in names
     assert "text_hidden_fcs.2.weight" in names and "language_model.lm_head.weight" in names
-    loaded, _ = salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path))  # SALMA on Sa2VA weights
+    loaded, _ = checkpoint.build_model(salma.Config.from_preset("tiny"), init=str(tmp_path))  # SALMA on Sa2VA weights
     assert loaded.cfg.mba is False  # the checkpoint's config says what it is
-    salma_on_sa2va, _ = salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path), mba=True)
+    salma_on_sa2va, _ = checkpoint.build_model(salma.Config.from_preset("tiny"), init=str(tmp_path), mba=True)
     assert all(b.gamma.item() == 0.0 for b in salma_on_sa2va.mba)  # fresh MBA, residual closed
-    batch = data.make_train_batch([sample()], tok, model.cfg, [3])
+    batch = inputs.make_train_batch([sample()], tok, model.cfg, [3])
     with torch.no_grad():
         assert torch.equal(model(batch)["low_res"], loaded(batch)["low_res"])
         assert torch.equal(model(batch)["low_res"], salma_on_sa2va(batch)["low_res"])
@@ -339,7 +341,7 @@ def test_sa2va_checkpoint_round_trip_and_errors(tmp_path):
     sd["grounding_encoder.sam2_model.extra"] = sd.pop("text_hidden_fcs.0.bias")
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"text_hidden_fcs.0.bias.*grounding_encoder.sam2_model.extra"):
-        salma.build_salma(salma.Config.from_preset("tiny"), init=str(tmp_path))
+        checkpoint.build_model(salma.Config.from_preset("tiny"), init=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +383,13 @@ def test_inference_in_bf16_agrees_with_fp32():
 
 def test_a_training_step_under_bf16_autocast_matches_fp32():
     torch.manual_seed(0)
-    model, tok = salma.build_salma(salma.Config.from_preset("tiny", gamma_init=0.1, mba_dropout=0.0))
+    model, tok = checkpoint.build_model(salma.Config.from_preset("tiny", gamma_init=0.1, mba_dropout=0.0))
     salma.set_trainable(model, "full")
-    batch = data.make_train_batch([sample(), sample(video=True)], tok, model.cfg, [1, 2])
+    batch = inputs.make_train_batch([sample(), sample(video=True)], tok, model.cfg, [1, 2])
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         model.zero_grad()
-        with salma.autocast_for(dtype, "cpu"):
+        with common.autocast_for(dtype, "cpu"):
             out = model(batch, ramp=1.0)
             loss, _ = losses.total_loss(losses.salma_loss_parts(out, batch, losses.LossConfig()), losses.LossConfig(), 1.0)
         loss.backward()
@@ -401,9 +403,9 @@ def test_a_training_step_under_bf16_autocast_matches_fp32():
 def test_auto_precision_is_fp32_for_tiny_models_on_cpu_and_bf16_on_cuda(monkeypatch):
     """--dtype auto: bf16 on CUDA; on a CPU with native bf16 units only for the 1B-wide models (a tiny step is slower in bf16)."""
     tiny, wide = salma.Config.from_preset("tiny"), salma.Config.from_preset("sa2va-1b")
-    assert salma.resolve_dtype("auto", "cuda", tiny) == torch.bfloat16
+    assert common.resolve_dtype("auto", "cuda", tiny) == torch.bfloat16
     for native in (True, False):
-        monkeypatch.setattr(salma, "cpu_has_native_bf16", lambda: native)
-        assert salma.resolve_dtype("auto", "cpu", tiny) == torch.float32
-        assert salma.resolve_dtype("auto", "cpu", wide) == (torch.bfloat16 if native else torch.float32)
-    assert salma.resolve_dtype("bfloat16", "cpu", tiny) == torch.bfloat16
+        monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+        assert common.resolve_dtype("auto", "cpu", tiny) == torch.float32
+        assert common.resolve_dtype("auto", "cpu", wide) == (torch.bfloat16 if native else torch.float32)
+    assert common.resolve_dtype("bfloat16", "cpu", tiny) == torch.bfloat16
