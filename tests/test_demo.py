@@ -1,20 +1,26 @@
 """demo.py, plot.py and train.py's curves on a tiny trained checkpoint and generated scenes."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import zipfile
 
+import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import demo
-import plot
-import testbed
 import checkpoint
+import demo
 import fixtures
 import metrics
+import plot
+import salma
+import testbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (200, 150)  # W x H, not square: a swapped axis shows up as a wrong size
@@ -104,6 +110,108 @@ def test_demo_on_a_generated_video_writes_per_frame_files_and_gifs(trained, tmp_
     assert Image.open(out / "clip_compare.gif").n_frames == len(frames)
 
 
+def write_mp4(path, frames, fps=5):
+    """frames (PIL, even sides) as an MPEG-4 Part 2 video (PyAV's built-in encoder); returns the frames as PyAV decodes them."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        return [f.to_image().convert("RGB") for f in container.decode(video=0)]
+
+
+def masks_of(model, tok, frames, expr):
+    """segment_video's masks (teacher-forced answer) of in-memory frames, as the demo's 0/255 PNGs hold them."""
+    with torch.inference_mode():
+        masks = salma.segment_video(model, frames.__getitem__, len(frames), expr, tok, force_seg=True)
+        return [m.numpy().astype(np.uint8) * 255 for m in masks]
+
+
+@pytest.mark.slow
+def test_demo_reads_mp4_with_pyav_and_refuses_a_video_over_max_frames(trained, tmp_path):
+    """An .mp4 is decoded by PyAV: the demo's per-frame masks are segment_video's on the frames PyAV decodes."""
+    sample = scene(video=True)
+    expr = sample["exprs"][0]
+    decoded = write_mp4(tmp_path / "clip.mp4", sample["frames"])
+    assert len(decoded) == len(sample["frames"])
+    proc = run_demo(f"--ckpt={trained[0]}", f"--video={tmp_path / 'clip.mp4'}", f"--text={expr}", "--force_seg=True",
+                    f"--out_dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    model, tok = checkpoint.load_model(trained[0])
+    for t, expected in enumerate(masks_of(model, tok, decoded, expr)):
+        np.testing.assert_array_equal(np.array(Image.open(tmp_path / "out" / "clip" / f"{t:05d}_mask.png")), expected)
+    with zipfile.ZipFile(tmp_path / "out" / "clip_masks.zip") as archive:
+        assert archive.namelist() == [f"{t:05d}_mask.png" for t in range(len(decoded))]
+    proc = run_demo(f"--ckpt={trained[0]}", f"--video={tmp_path / 'clip.mp4'}", f"--text={expr}", "--max_frames=3")
+    fixtures.assert_one_line_error(proc, "clip.mp4", "--max_frames")
+
+
+def free_port():
+    """A TCP port nothing on this machine listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def web_app(trained):
+    """demo.py --serve on a free local port with the tiny trained model (answers teacher-forced); yields its URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo.py"), "--serve", f"--ckpt={trained[0]}", f"--port={port}",
+                               "--force_seg=True"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):  # the model loads, then Gradio starts: poll until it answers (or the server died)
+            assert server.poll() is None, server.stderr.read()
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_web_app_answers_like_the_command_line_and_keeps_serving_after_a_bad_upload(web_app, trained, tmp_path):
+    """Through real HTTP (gradio_client): an image and a video give the masks demo.py writes for the same inputs;
+    a file that is no image, and an empty sentence, give one clear message; the next good request still works."""
+    from gradio_client import Client, handle_file
+
+    client = Client(web_app, verbose=False)
+    image_sample, video_sample = scene(video=False), scene(video=True)
+    image_sample["frames"][0].save(tmp_path / "scene.png")
+    frames = video_sample["frames"]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=200)
+    cases = [(tmp_path / "scene.png", image_sample["exprs"][0]), (tmp_path / "clip.gif", video_sample["exprs"][0])]
+    for source, expr in cases:
+        answer, overlay, figure, masks = client.predict(handle_file(str(source)), expr, True, api_name="/segment")
+        assert answer == "Sure, [SEG]." and overlay and figure and masks
+        proc = run_demo(f"--ckpt={trained[0]}", f"--{'video' if source.suffix == '.gif' else 'image'}={source}", f"--text={expr}",
+                        "--force_seg=True", f"--out_dir={tmp_path / 'cli'}")
+        assert proc.returncode == 0, proc.stderr
+        if source.suffix == ".gif":
+            with zipfile.ZipFile(masks) as archive:
+                assert archive.namelist() == [f"{t:05d}_mask.png" for t in range(len(frames))]
+                for name in archive.namelist():
+                    served = np.array(Image.open(archive.open(name)))
+                    np.testing.assert_array_equal(served, np.array(Image.open(tmp_path / "cli" / "clip" / name)))
+            assert Image.open(overlay).n_frames == len(frames)  # the video's overlay plays
+        else:
+            np.testing.assert_array_equal(np.array(Image.open(masks)), np.array(Image.open(tmp_path / "cli" / "scene_mask.png")))
+    (tmp_path / "notes.png").write_text("not an image")
+    for upload, text, message in ((tmp_path / "notes.png", "the red circle", "not an image file"),
+                                  (tmp_path / "scene.png", "  ", "the sentence is empty")):
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(upload)), text, False, api_name="/segment")
+    answer, overlay, figure, masks = client.predict(handle_file(str(tmp_path / "scene.png")), "the red circle", False, api_name="/segment")
+    assert answer == "Sure, [SEG]." and masks and figure is None
+
+
 @pytest.mark.slow
 def test_a_question_without_seg_prints_the_answer_and_writes_nothing(trained, tmp_path, monkeypatch, capsys):
     model, tok = checkpoint.load_model(trained[0])
@@ -151,7 +259,8 @@ def test_help_documents_every_flag():
     proc = run_demo("--help")
     assert proc.returncode == 0
     for flag in ("--ckpt", "--image", "--video", "--text", "--prompt", "--mba", "--compare", "--truth", "--force_seg",
-                 "--max_new_tokens", "--out_dir", "--fps", "--preset", "--device", "--dtype"):
+                 "--max_new_tokens", "--out_dir", "--fps", "--preset", "--device", "--dtype", "--max_frames", "--serve", "--host",
+                 "--port"):
         assert flag in proc.stdout
 
 
