@@ -206,7 +206,7 @@ def segment_answer(model, tok, image, question, max_new_tokens):
         image_embed = enc["image_embed"].expand(n, -1, -1, -1)
         high_res = [f.expand(n, -1, -1, -1) for f in enc["high_res_feats"]]
         low_res = model.grounding.decode(model.refine(image_embed, high_res, hidden, valid), high_res, z_seg)
-    return text, salma.SAM2Grounding.postprocess(low_res, model.cfg.sam_image_size, (h, w))[:, 0] > 0
+    return text, salma.SAM2Grounding.postprocess(low_res, model.cfg.sam_image_size, (h, w))[:, 0]
 
 
 def run_gcg(model, tok, dataset, indices, args, similarity=None):

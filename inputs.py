@@ -255,7 +255,9 @@ FORCED_ANSWER = "Sure, [SEG]."  # what --force_seg teacher-forces
 
 
 def eval_prompt(expr, is_video):
-    """Sa2VA's evaluation questions."""
+    """Sa2VA's evaluation questions; a video expression that is a question (ReVOS's reasoning ones) is asked as one."""
+    if is_video and "?" in expr:
+        return f"<image>\n {expr} Please respond with a segmentation mask."
     if is_video:
         return f"<image>\nPlease segment {expr}."
     return f"<image>\n Please segment {expr} in this image."

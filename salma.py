@@ -533,9 +533,13 @@ class SAM2Grounding(nn.Module):
 
     @staticmethod
     def postprocess(low_res_logits, size, orig_hw):
-        """Low-res logits (B, 1, h, w) -> bilinear to S x S -> bilinear to orig_hw; > 0 is the mask."""
+        """Low-res logits (B, 1, h, w) -> bilinear to S x S -> bilinear to orig_hw -> bool masks (B, 1, H, W).
+
+        A pixel is in the mask where sigmoid(logit) > 0.5, as Sa2VA decides it; in float32 the sigmoid of a
+        logit just above 0 rounds to 0.5, so this is not quite `logit > 0`.
+        """
         x = F.interpolate(low_res_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
-        return F.interpolate(x, size=orig_hw, mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=orig_hw, mode="bilinear", align_corners=False).sigmoid() > 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,7 +781,7 @@ class SALMA(nn.Module):
             low_res = self.grounding.decode(feats, high_res, z_seg[:1])  # the first [SEG] answers
             if maps is not None:
                 maps["low_res"] = low_res
-        return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0] > 0
+        return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0]
 
     @property
     def device(self):
@@ -859,4 +863,4 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
             memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
             memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
         w, h = frame.size
-        yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0] > 0
+        yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0]

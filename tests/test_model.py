@@ -413,3 +413,18 @@ def test_video_prompt_equals_sa2va_predict_forward():
     ours, _, _ = inputs.encode_turns(tok, [(question, None)], "", inputs.media_placeholder(5, cfg, is_video=True))
     assert ours.tolist() == sa2va_prompt_ids(tok, question.replace("<image>", official))
     assert question == "<image>\nPlease segment the cat jumping."
+
+
+def test_video_questions_are_asked_as_sa2vas_evaluation_asks_them():
+    """A video expression with '?' (ReVOS's reasoning expressions) is asked as a question.
+
+    Reference, quoted from bytedance/Sa2VA 9832e1a, projects/sa2va/evaluation/dataset/refVOS.py lines 13-14 and 99:
+        SEG_PROMPT = "<image>\\nPlease segment {}."
+        SEG_PROMPT_QUESTION = "<image>\\n {} Please respond with a segmentation mask."
+        data_dict['text_prompt'] = SEG_PROMPT.format(exp) if '?' not in exp else SEG_PROMPT_QUESTION.format(exp)
+    """
+    seg_prompt, seg_prompt_question = "<image>\nPlease segment {}.", "<image>\n {} Please respond with a segmentation mask."
+    for exp in ("the dog running to the left", "which object moves to the right?", "why is the man holding the cup?"):
+        official = seg_prompt.format(exp) if "?" not in exp else seg_prompt_question.format(exp)
+        assert inputs.eval_prompt(exp, is_video=True) == official
+    assert inputs.eval_prompt("the cup?", is_video=False) == "<image>\n Please segment the cup? in this image."  # images: RES.py line 186

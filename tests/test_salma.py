@@ -82,8 +82,20 @@ def test_seg_embedding_is_a_third_sparse_token():
 def test_postprocess_upsamples_to_the_original_size():
     logits = torch.zeros(1, 1, 64, 64)
     logits[..., :32, :] = 5.0
-    mask = salma.SAM2Grounding.postprocess(logits, 256, (30, 50))[0, 0] > 0
-    assert mask.shape == (30, 50) and mask[:14].all() and not mask[16:].any()
+    mask = salma.SAM2Grounding.postprocess(logits, 256, (30, 50))[0, 0]
+    assert mask.dtype == torch.bool and mask.shape == (30, 50) and mask[:14].all() and not mask[16:].any()
+
+
+def test_masks_are_thresholded_as_sa2va_does_sigmoid_over_one_half():
+    """Sa2VA decides a pixel by `masks.sigmoid() > 0.5` (bytedance/Sa2VA 9832e1a,
+    projects/sa2va/hf/models/modeling_sa2va_chat.py line 768), which in float32 is not `logits > 0`:
+    the sigmoid of a logit up to ~3e-8 rounds to 0.5. Constant maps keep the two interpolations exact."""
+    values = torch.tensor([1e-9, 2e-8, 1e-6, 0.0, -1e-9, 3.0])
+    logits = values.view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    masks = salma.SAM2Grounding.postprocess(logits, 16, (5, 7))[:, 0]  # (6, 5, 7)
+    official = torch.sigmoid(logits.float()) > 0.5  # the official rule on the same (constant) logits
+    assert torch.equal(masks[:, 0, 0], official[:, 0, 0, 0])
+    assert masks[:, 0, 0].tolist() == [False, False, True, False, False, True]  # logit > 0 would take 1e-9 and 2e-8
 
 
 # ---------------------------------------------------------------------------------------------
