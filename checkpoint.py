@@ -101,22 +101,43 @@ def read_safetensors(model_dir):
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
+# What an official config.json leaves out takes the official class's default: transformers' save_pretrained
+# writes only the fields that differ from it (nested configs included).
+CHAT_DEFAULTS = {"downsample_ratio": 0.5, "force_image_size": None, "max_dynamic_patch": 6}  # Sa2VAChatConfig / InternVLChatConfig
+VISION_DEFAULTS = {"patch_size": 14, "image_size": 224, "hidden_size": 3200, "num_attention_heads": 25,  # InternVisionConfig
+                   "intermediate_size": 12800, "num_hidden_layers": 48, "qkv_bias": False, "qk_normalization": True,
+                   "norm_type": "rms_norm"}
+LLM_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,  # Qwen2Config
+                "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": False}
+
+
 def config_from_hf(model_dir, base):
-    """Config with every size read from an official config.json (vision_config / llm_config)."""
+    """Config with every size read from an official config.json (vision_config / llm_config); omitted fields take
+    the official defaults; a vision tower or LLM this code does not build stops with one line."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; expected an InternVL / Sa2VA checkpoint directory")
-    hf = common.read_json_file(path)
-    vis, llm = hf["vision_config"], hf["llm_config"]
+    raw = common.read_json_file(path)
+    hf = {**CHAT_DEFAULTS, **raw}
+    vis, llm = {**VISION_DEFAULTS, **raw.get("vision_config", {})}, {**LLM_DEFAULTS, **raw.get("llm_config", {})}
+    if "rope_parameters" in raw.get("llm_config", {}):  # transformers 5 writes rope_theta there
+        llm["rope_theta"] = raw["llm_config"]["rope_parameters"].get("rope_theta", llm["rope_theta"])
+    architecture = (llm.get("architectures") or ["Qwen2ForCausalLM"])[0]
+    if architecture != "Qwen2ForCausalLM":
+        raise ValueError(f"{path}: the LLM is {architecture}; this code builds Qwen2 LLMs (Sa2VA-1B, -4B, InternVL3-2B/8B/14B)")
+    if not vis["qkv_bias"] or vis["qk_normalization"] or vis["norm_type"] != "layer_norm":
+        raise ValueError(f"{path}: the vision tower is InternViT-6B-style (RMSNorm, QK normalisation, no qkv bias); "
+                         "this code builds InternViT-300M")
     return replace(
-        base, image_size=hf.get("force_image_size") or vis["image_size"], patch_size=vis["patch_size"],
+        base, image_size=hf["force_image_size"] or vis["image_size"], patch_size=vis["patch_size"],
         vit_width=vis["hidden_size"], vit_depth=vis["num_hidden_layers"], vit_heads=vis["num_attention_heads"],
         vit_mlp_ratio=vis["intermediate_size"] / vis["hidden_size"], downsample_ratio=hf["downsample_ratio"],
-        max_tiles=hf.get("max_dynamic_patch", base.max_tiles), vocab_size=llm["vocab_size"],
+        max_tiles=hf["max_dynamic_patch"], vocab_size=llm["vocab_size"],
         llm_hidden=llm["hidden_size"], llm_layers=llm["num_hidden_layers"], llm_heads=llm["num_attention_heads"],
         llm_kv_heads=llm["num_key_value_heads"], llm_intermediate=llm["intermediate_size"],
-        rope_theta=llm.get("rope_theta", base.rope_theta), rms_eps=llm["rms_norm_eps"],
-        tie_word_embeddings=llm.get("tie_word_embeddings", False), **hf.get("salma", {}),
+        rope_theta=llm["rope_theta"], rms_eps=llm["rms_norm_eps"],
+        tie_word_embeddings=llm["tie_word_embeddings"], **raw.get("salma", {}),
     )
 
 
@@ -127,7 +148,8 @@ def hf_config(cfg, architecture):
         "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "use_thumbnail": True,
         "vision_config": {"hidden_size": cfg.vit_width, "num_hidden_layers": cfg.vit_depth, "num_attention_heads": cfg.vit_heads,
                           "intermediate_size": int(cfg.vit_width * cfg.vit_mlp_ratio), "image_size": cfg.image_size,
-                          "patch_size": cfg.patch_size, "qkv_bias": True, "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
+                          "patch_size": cfg.patch_size, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
+                          "layer_norm_eps": 1e-6},
         "llm_config": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.llm_hidden,
                        "num_hidden_layers": cfg.llm_layers, "num_attention_heads": cfg.llm_heads,
                        "num_key_value_heads": cfg.llm_kv_heads, "intermediate_size": cfg.llm_intermediate,

@@ -391,3 +391,59 @@ def test_ablate_writes_table_2_with_every_configuration_and_the_distractor_split
     table = open(out / "table.md").read().splitlines()
     assert "cIoU distractor split" in table[0] and len(table) == 2 + len(results)
     assert (out / "chart.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# an official directory loads from its config.json alone
+
+
+def without_defaults(config):
+    """config.json as the official save_pretrained writes it: nested fields equal to their class's default left out.
+
+    Defaults: Sa2VAChatConfig.__init__ (bytedance/Sa2VA 9832e1a, projects/sa2va/hf/models/configuration_sa2va_chat.py,
+    force_image_size=None, downsample_ratio=0.5, max_dynamic_patch=6), InternVisionConfig.__init__ (configuration_intern_vit.py
+    lines 64-85: patch_size=14, image_size=224, qkv_bias=False, hidden_size=3200, num_attention_heads=25,
+    intermediate_size=12800, qk_normalization=True, num_hidden_layers=48, norm_type='rms_norm', layer_norm_eps=1e-6),
+    and transformers' own Qwen2Config() for the LLM."""
+    from transformers import Qwen2Config
+
+    chat = {"force_image_size": None, "downsample_ratio": 0.5, "max_dynamic_patch": 6}
+    vision = {"patch_size": 14, "image_size": 224, "qkv_bias": False, "hidden_size": 3200, "num_attention_heads": 25,
+              "intermediate_size": 12800, "qk_normalization": True, "num_hidden_layers": 48, "norm_type": "rms_norm",
+              "layer_norm_eps": 1e-6}
+    qwen2 = Qwen2Config()
+    llm = {k: getattr(qwen2, k) for k in config["llm_config"] if hasattr(qwen2, k) and getattr(qwen2, k) is not None}
+    llm["rope_theta"] = qwen2.rope_parameters["rope_theta"] if getattr(qwen2, "rope_parameters", None) else qwen2.rope_theta
+    out = {k: v for k, v in config.items() if chat.get(k, object()) != v}
+    out["vision_config"] = {k: v for k, v in config["vision_config"].items() if vision.get(k, object()) != v}
+    out["llm_config"] = {k: v for k, v in config["llm_config"].items() if llm.get(k, object()) != v}
+    return out
+
+
+def test_an_official_directory_loads_without_a_preset_even_when_its_config_omits_defaults(tmp_path):
+    """eval.py --ckpt DIR on a Sa2VA-layout directory needs no --preset; a config.json without its default-valued
+    fields (here: patch_size, rms_norm_eps, rope_theta, tie_word_embeddings...) builds the same model."""
+    torch.manual_seed(0)
+    model, tok = checkpoint.build_model(salma.Config.from_preset("tiny", mba=False))
+    checkpoint.save_official(model, tok, str(tmp_path / "full"))
+    config = json.load(open(tmp_path / "full" / "config.json"))
+    sparse = without_defaults(config)
+    assert "patch_size" not in sparse["vision_config"] and "rms_norm_eps" not in sparse["llm_config"]
+    os.makedirs(tmp_path / "sparse")
+    for name in ("model.safetensors", "tokenizer.json"):
+        os.link(tmp_path / "full" / name, tmp_path / "sparse" / name)
+    json.dump(sparse, open(tmp_path / "sparse" / "config.json", "w"))
+    full, _ = checkpoint.load_model(str(tmp_path / "full"))
+    loaded, _ = checkpoint.load_model(str(tmp_path / "sparse"))
+    assert loaded.cfg == full.cfg == model.cfg
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    runs = {}
+    for name in ("full", "sparse"):
+        proc = run_eval(f"--ckpt={tmp_path / name}", "--num_samples=2", "--force_seg=True", f"--out_dir={tmp_path / ('eval_' + name)}")
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.load(open(tmp_path / f"eval_{name}" / "metrics.json"))
+        runs[name].pop("ckpt")
+    assert runs["full"] == runs["sparse"]
+    sparse["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    json.dump(sparse, open(tmp_path / "sparse" / "config.json", "w"))
+    fixtures.assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'sparse'}"), "config.json", "InternLM2ForCausalLM")
