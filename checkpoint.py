@@ -158,7 +158,7 @@ def hf_config(cfg, architecture):
     }
 
 
-SALMA_FIELDS = ("sam2_config", "sam2_tiny", "sam_image_size", "sam_multimask", "num_cond_frames", "mba", "mba_layers", "mba_mode",
+SALMA_FIELDS = ("sam2_config", "sam2_tiny", "sam_image_size", "sam_multimask", "sa2va_numerics", "num_cond_frames", "mba", "mba_layers", "mba_mode",
                 "topk", "tau_gate", "gamma_init", "mba_heads", "mba_dropout", "router_hidden", "tmc_source", "system_prompt")
 
 
@@ -301,7 +301,8 @@ def load_trained(run_dir, **overrides):
     """
     path = os.path.join(run_dir, "ckpt.pt")
     state = read_checkpoint(path)
-    train_cfg, cfg = state["configs"]["train"], replace(Config(**state["configs"]["model"]), **overrides)
+    saved = {"sa2va_numerics": False, **state["configs"]["model"]}  # runs saved before the field trained with exact numerics
+    train_cfg, cfg = state["configs"]["train"], replace(Config(**saved), **overrides)
     tok, cfg, ids = prepare_tokenizer(cfg, run_dir)
     model = SALMA(cfg, ids)  # its random weights are all replaced below
     set_trainable(model, train_cfg["recipe"], train_cfg["lora_r"], train_cfg["lora_alpha"], train_cfg["lora_dropout"])

@@ -37,7 +37,6 @@ import metrics
 import plot
 import salma
 import testbed
-from inputs import sam_pixels
 
 # ---------------------------------------------------------------------------------------------
 # runners
@@ -202,7 +201,7 @@ def segment_answer(model, tok, image, question, max_new_tokens):
     if n == 0:
         return text, torch.zeros(0, h, w, dtype=torch.bool)
     with model.autocast():
-        enc = model.grounding.encode_image(sam_pixels([image], model.cfg.sam_image_size).to(model.device, z_seg.dtype))
+        enc = model.grounding.encode_image(model.sam_input([image]))
         image_embed = enc["image_embed"].expand(n, -1, -1, -1)
         high_res = [f.expand(n, -1, -1, -1) for f in enc["high_res_feats"]]
         low_res = model.grounding.decode(model.refine(image_embed, high_res, hidden, valid), high_res, z_seg)

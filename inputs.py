@@ -209,9 +209,22 @@ def media_placeholder(num_tiles, cfg, is_video):
 
 
 @torch.no_grad()
-def sam_pixels(frames, size):
-    """SAM-2 input (T, 3, S, S): resized directly to S x S (aspect not kept), /255, ImageNet mean/std."""
-    return torch.stack([to_tensor(f, size) for f in frames])
+def sam_pixels(frames, size, sa2va_numerics=False, dtype=torch.float32, video=False):
+    """SAM-2 input (T, 3, S, S) in dtype: resized directly to S x S (bicubic, aspect not kept), /255, ImageNet mean/std.
+
+    sa2va_numerics=False: fp32 arithmetic with the exact constants. True: as Sa2VA's predict_forward computes it:
+    mean and std rounded to bf16 (its sam2.py preprocess_image builds them with dtype=torch.bfloat16), the
+    arithmetic in dtype for an image and in fp32 for video frames (which it casts to dtype only afterwards).
+    """
+    if not sa2va_numerics:
+        return torch.stack([to_tensor(f, size) for f in frames]).to(dtype)
+    mean, std = (torch.tensor(v, dtype=torch.bfloat16)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    out = []
+    for frame in frames:
+        x = torch.from_numpy(np.asarray(frame.convert("RGB").resize((size, size), resample=3))).permute(2, 0, 1)
+        x = (x.float() if video else x.to(dtype)) / 255.0
+        out.append((x - mean) / std)  # fp32 - bf16 computes in fp32; bf16 - bf16 in bf16, as the in-place ops do there
+    return torch.stack(out).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +355,7 @@ def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
         "labels": torch.stack([torch.nn.functional.pad(x, (0, length - len(x)), value=-100) for x in labels]),
         "attention_mask": torch.stack([torch.arange(length) < len(x) for x in ids]),
         "pixel_values": torch.cat(pixels) if pixels else None,
-        "sam_images": sam_pixels(sam_frames, cfg.sam_image_size) if sam_frames else torch.zeros(0, 3, cfg.sam_image_size, cfg.sam_image_size),
+        "sam_images": sam_pixels(sam_frames, cfg.sam_image_size, cfg.sa2va_numerics, video=True) if sam_frames else torch.zeros(0, 3, cfg.sam_image_size, cfg.sam_image_size),
         "seg_index": torch.tensor(seg_index, dtype=torch.long).reshape(-1, 2),
         "seg_text": torch.stack([torch.nn.functional.pad(m, (0, length - len(m))) for m in seg_text]) if seg_text else torch.zeros(0, length, dtype=torch.bool),
         "pair_seg": torch.tensor(pair_seg, dtype=torch.long),

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import checkpoint
 import losses
 import testbed
-from inputs import mllm_pixels, sam_pixels
+from inputs import mllm_pixels
 
 GRID = 4  # column and row of the target's centre in a GRID x GRID grid of the image (the tiny LLM's 16 image tokens)
 ATTRIBUTES = {"colour": list(testbed.COLOURS), "shape": list(testbed.SHAPES), "size": list(testbed.SIZES),
@@ -57,7 +57,7 @@ def parse_args(argv=None):
 @torch.inference_mode()
 def target_features(model, frame, masks):
     """F_v at each target: SAM-2's image embedding (1, C, h, w) averaged over each mask of masks (E, H, W) -> (E, C)."""
-    pixels = sam_pixels([frame], model.cfg.sam_image_size).to(model.device)
+    pixels = model.sam_input([frame])
     image_embed = model.grounding.encode_image(pixels)["image_embed"].float()
     pooled, _ = losses.pool_mask_features(image_embed.expand(len(masks), -1, -1, -1), masks)
     return pooled

@@ -69,6 +69,7 @@ class Config:
     sam_image_size: int = 1024  # SAM-2 input side in pixels
     num_cond_frames: int = 5  # video: frames decoded with the [SEG] prompt, the rest tracked
     sam_multimask: bool = True  # decoder makes 3 masks and keeps the best-IoU one (Sa2VA); False: its single-mask output (tiny: an untrained IoU head would pick at random)
+    sa2va_numerics: bool = True  # SAM-2 as Sa2VA's inference computes it: ImageNet mean/std rounded to bf16, tracked frames' memory features stored in bf16; False: exact constants, fp32 memory (tiny, from scratch)
     # SALMA (paper section 3.2); mba=False is exactly the Sa2VA baseline
     mba: bool = True  # SALMA's pre-pass gate + Mask-Biased Attention; False = exactly the Sa2VA baseline
     mba_layers: str = "last"  # LLM layers whose hidden states feed an MBA block: last, all, or a comma list of indices
@@ -101,7 +102,7 @@ PRESETS = {
         image_size=112, vit_width=64, vit_depth=2, vit_heads=2, max_tiles=2,
         vocab_size=0, llm_hidden=128, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=256,
         rope_theta=1e4, sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml", sam2_tiny=True, sam_image_size=256,
-        sam_multimask=False,
+        sam_multimask=False, sa2va_numerics=False,
     ),  # vocab_size=0: taken from the built-in tiny tokenizer
 }
 INTERNVL_SYSTEM_PROMPT = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -471,6 +472,7 @@ class SAM2Grounding(nn.Module):
         self.sam2_model = build_sam2(cfg)
         self.width = self.sam2_model.hidden_dim  # 256 real, 64 tiny
         self.sam2_model.multimask_output_in_sam = cfg.sam_multimask  # read by decode_heads and by sam2's own track_step
+        self.memory_dtype = torch.bfloat16 if cfg.sa2va_numerics else None  # Sa2VA's video predictor stores memory in bf16
 
     def encode_image(self, images):
         """images (B, 3, S, S) -> dict(image_embed F_v (B, C, h, w) with no_mem_embed, high_res_feats, ...)."""
@@ -529,6 +531,8 @@ class SAM2Grounding(nn.Module):
         feats, pos = sam._encode_new_memory(
             current_vision_feats=enc["vision_feats"], feat_sizes=enc["feat_sizes"], pred_masks_high_res=masks,
             object_score_logits=heads["object_score"], is_mask_from_pts=is_cond)
+        if self.memory_dtype is not None:  # read back, memory attention's concatenation promotes it to the pointers' dtype
+            feats = feats.to(self.memory_dtype)
         return {"maskmem_features": feats, "maskmem_pos_enc": pos, "obj_ptr": self.object_pointer(heads)}
 
     @staticmethod
@@ -773,8 +777,7 @@ class SALMA(nn.Module):
                 maps["no_seg"] = True  # evaluations count a missing prediction apart from an empty one
             return torch.zeros(h, w, dtype=torch.bool)
         with self.autocast():
-            images = sam_pixels([image], self.cfg.sam_image_size).to(self.device, z_seg.dtype)
-            enc = self.grounding.encode_image(images)
+            enc = self.grounding.encode_image(self.sam_input([image]))
             image_embed, high_res = enc["image_embed"][:1], [f[:1] for f in enc["high_res_feats"]]
             hidden, valid = [h[:1] if h is not None else None for h in hidden], valid[:1]
             feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
@@ -782,6 +785,10 @@ class SALMA(nn.Module):
             if maps is not None:
                 maps["low_res"] = low_res
         return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0]
+
+    def sam_input(self, frames, video=False):
+        """SAM-2's input (T, 3, S, S) for PIL frames, on the model's device, in its dtype (sam_pixels; cfg.sa2va_numerics)."""
+        return sam_pixels(frames, self.cfg.sam_image_size, self.cfg.sa2va_numerics, self.dtype, video).to(self.device)
 
     @property
     def device(self):
@@ -848,7 +855,7 @@ def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None,
     for t in range(num_frames):
         frame = load_frame(t)
         with model.autocast():  # per frame: the caller's code between frames runs outside it
-            enc = model.grounding.encode_image(sam_pixels([frame], cfg.sam_image_size).to(model.device, z_seg.dtype))
+            enc = model.grounding.encode_image(model.sam_input([frame], video=True))
             is_cond = t < cfg.num_cond_frames
             if is_cond:
                 pix = enc["image_embed"]

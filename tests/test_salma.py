@@ -421,3 +421,68 @@ def test_auto_precision_is_fp32_for_tiny_models_on_cpu_and_bf16_on_cuda(monkeypa
         assert common.resolve_dtype("auto", "cpu", tiny) == torch.float32
         assert common.resolve_dtype("auto", "cpu", wide) == (torch.bfloat16 if native else torch.float32)
     assert common.resolve_dtype("bfloat16", "cpu", tiny) == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Sa2VA's own SAM-2 numerics (cfg.sa2va_numerics)
+
+
+def sa2va_sam_input(image, size, dtype, video):
+    """SAM-2's input of one PIL image as Sa2VA's predict_forward builds it, written from bytedance/Sa2VA 9832e1a:
+    projects/sa2va/hf/models/modeling_sa2va_chat.py lines 653-658 (an image: uint8 -> torch_dtype, then
+    preprocess_image) and 633-643 (video frames: uint8 into preprocess_image, then .to(torch_dtype)),
+    DirectResize lines 78-86 (PIL's resize with its default filter), and projects/sa2va/hf/models/sam2.py
+    preprocess_image, lines 366-374 (mean and std built with dtype=torch.bfloat16, subtracted and divided in place)."""
+    g_image = torch.from_numpy(np.array(image.resize((size, size)))).permute(2, 0, 1).contiguous()
+    if not video:
+        g_image = g_image.to(dtype)
+    image = g_image / 255.
+    img_mean = torch.tensor((0.485, 0.456, 0.406), dtype=torch.bfloat16)[:, None, None]
+    img_std = torch.tensor((0.229, 0.224, 0.225), dtype=torch.bfloat16)[:, None, None]
+    image -= img_mean
+    image /= img_std
+    return image.to(dtype)
+
+
+@pytest.mark.parametrize("video", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sam2_input_is_sa2vas_to_the_bit(dtype, video):
+    """With sa2va_numerics SAM-2's input equals Sa2VA's construction exactly, in fp32 and bf16, for an image
+    and for video frames; the exact constants (the tiny preset's default) differ from it."""
+    image, _ = scene(333, 157)
+    ours = inputs.sam_pixels([image], 64, sa2va_numerics=True, dtype=dtype, video=video)[0]
+    official = sa2va_sam_input(image, 64, dtype, video)
+    assert ours.dtype == official.dtype == dtype and torch.equal(ours, official)
+    exact = inputs.sam_pixels([image], 64, dtype=dtype, video=video)[0]
+    assert (exact.float() - official.float()).abs().max() > 1e-3
+
+
+def test_tracked_memory_is_stored_in_bf16_as_sa2vas_video_predictor_does():
+    """Sa2VA's video predictor stores each frame's maskmem_features in bf16 (bytedance/Sa2VA 9832e1a,
+    projects/sa2va/hf/models/sam2.py lines 3535 and 3869: maskmem_features.to(torch.bfloat16)); memory attention
+    reads them back promoted to fp32. With sa2va_numerics the conditioning frames' memory is what fp32 storage
+    holds, rounded to bf16, and the tracked frames' features stay fp32."""
+    frames = [scene(shift=2 * t)[0] for t in range(7)]
+    memories = {}
+    for bf16_memory in (False, True):
+        model, tok = tiny_model(seed=3, sa2va_numerics=True)
+        if not bf16_memory:
+            model.grounding.memory_dtype = None  # the same run with the memory kept in fp32
+        sam, seen = model.grounding.sam2_model, []
+        original = sam._prepare_memory_conditioned_features
+
+        def spy(**kwargs):
+            out = original(**kwargs)
+            seen.append((dict(kwargs["output_dict"]["cond_frame_outputs"]), out.dtype))
+            return out
+
+        sam._prepare_memory_conditioned_features = spy
+        list(salma.segment_video(model, frames.__getitem__, len(frames), "the red square", tok, force_seg=True))
+        memories[bf16_memory] = seen
+    exact, sa2va = memories[False][0][0], memories[True][0][0]  # the 5 conditioning frames' entries at frame 5
+    assert sorted(exact) == sorted(sa2va) == list(range(5))
+    for t in range(5):
+        assert sa2va[t]["maskmem_features"].dtype == torch.bfloat16 and exact[t]["maskmem_features"].dtype == torch.float32
+        assert torch.equal(sa2va[t]["maskmem_features"], exact[t]["maskmem_features"].to(torch.bfloat16))
+        assert sa2va[t]["obj_ptr"].dtype == torch.float32
+    assert all(dtype == torch.float32 for _, dtype in memories[True])  # promoted back when read
