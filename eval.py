@@ -1,7 +1,7 @@
 """
 Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
 
-  python eval.py                                              # generated synthetic split (no data needed)
+  python eval.py                                              # out/tiny (the quick start's) on the generated split
   python eval.py --ckpt out/tiny --dataset synthetic_distractor   # small targets beside a large look-alike
   python eval.py --dataset refcocog --split val --ckpt ckpts/SALMA-1B --data_root data/
   python eval.py --dataset refcocog --split val --ckpt ckpts/SALMA-1B --data_root data/ --mba=False
@@ -9,12 +9,14 @@ Evaluate SALMA (or the Sa2VA baseline with --mba=False on the same checkpoint).
   python eval.py --dataset ytvos --split valid --ckpt ...      # writes the submission zip
   python eval.py --dataset gcg --split val --ckpt ... --data_root data/ --bert_dir ckpts/bert-base-uncased   # GCG
   torchrun --standalone --nproc_per_node=8 eval.py --dataset refcocog ...   # shards over ranks
+  python eval.py --dataset mevis --split valid_u ... --resume                 # a killed run continues where it stopped
   python eval.py --ckpt out/tiny --visualize 4                # PNGs: image | SALMA | G | attention | baseline | truth
 
---ckpt is an official-layout directory (Sa2VA / exported SALMA) or a train.py --out_dir (ckpt.pt).
-Metrics are printed and written to <out_dir>/metrics.json, next to the predictions. On generated images
-they also count, per expression kind, which objects each mask took (outcomes: the target alone, the
-target and others, only others, none; mask_outcome).
+--ckpt is an official-layout directory (Sa2VA / exported SALMA) or a train.py --out_dir (default out/tiny).
+Metrics are printed and written to <out_dir>/metrics.json, next to the predictions. Each rank appends
+every item's predictions to <out_dir>/progress.rank<r>_of_<w>.jsonl as it makes them; --resume reads them
+back. On generated images they also count, per expression kind, which objects each mask took (outcomes:
+the target alone, the target and others, only others, none; mask_outcome).
 """
 
 import argparse
@@ -23,6 +25,7 @@ import os
 import shutil
 import time
 import zipfile
+from functools import partial
 
 import numpy as np
 import torch
@@ -63,22 +66,64 @@ def gather(obj):
     return [x for part in parts for x in part]
 
 
-def run_images(model, tok, dataset, indices, args):
-    """Predict every expression of image items -> list of (id, expr, I, U, area ratio, missing)."""
-    rows = []
-    for i in tqdm(indices, desc="eval", disable=args.quiet, unit="img"):
-        sample = dataset[i]
-        object_masks = None  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
-        if sample.get("objects"):
-            object_masks = testbed.render(sample["objects"], sample["frames"][0].size)[1].numpy()
-        for k, expr in enumerate(sample["exprs"]):
-            gt, maps = sample["masks"][k, 0].numpy(), {}
-            pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, **generation(args)).cpu().numpy()
-            missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
-            inter, union = metrics.intersection_union(None if missing else pred, gt)
-            rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
-            if object_masks is not None:
-                rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks, sample["targets"][k])
+RUN_FIELDS = ("dataset", "split", "ckpt", "mba", "limit", "num_samples", "force_seg", "max_new_tokens", "dtype", "bert_dir")
+
+
+def run_items(dataset, indices, predict, args, rank, world):
+    """The rows of predict(sample) for each item, in indices order. Each item's rows are appended to
+    OUT_DIR/progress.rank{r}_of_{w}.jsonl as they are made; with --resume the items already there are read
+    back instead of predicted again, so a killed run continues where it stopped, with the same results."""
+    path = os.path.join(args.out_dir, f"progress.rank{rank}_of_{world}.jsonl")
+    identity = {name: getattr(args, name) for name in RUN_FIELDS}
+    done = read_progress(path, identity) if args.resume else {}
+    if done and rank == 0:
+        print(f"--resume: {len(done)} of {len(indices)} items read back from {path}")
+    with open(path, "a" if done else "w") as f:
+        if not done:
+            f.write(json.dumps({"run": identity}) + "\n")
+        for i in tqdm([i for i in indices if i not in done], desc="eval", disable=args.quiet, unit="item"):
+            done[i] = predict(dataset[i])
+            f.write(json.dumps({"item": i, "rows": done[i]}) + "\n")
+            f.flush()
+    return [row for i in indices for row in done[i]]
+
+
+def read_progress(path, identity):
+    """{item: rows} of a progress file written by the same run (same flags); {} when there is none yet."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    try:
+        saved = json.loads(lines[0])["run"] if lines else None
+    except (ValueError, KeyError):
+        saved = None
+    if saved != identity:
+        raise ValueError(f"--resume: {path} holds another run's predictions ({saved}); rerun without --resume or with "
+                         "the same flags, or pick another --out_dir")
+    done = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the line a kill cut short: that item is predicted again
+            continue
+        done[entry["item"]] = entry["rows"]
+    return done
+
+
+def image_rows(model, tok, sample, args):
+    """One image item -> a row per expression: id, expr, I, U, area ratio, missing (+ outcome on a generated scene)."""
+    rows, object_masks = [], None  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
+    if sample.get("objects"):
+        object_masks = testbed.render(sample["objects"], sample["frames"][0].size)[1].numpy()
+    for k, expr in enumerate(sample["exprs"]):
+        gt, maps = sample["masks"][k, 0].numpy(), {}
+        pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, **generation(args)).cpu().numpy()
+        missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
+        inter, union = metrics.intersection_union(None if missing else pred, gt)
+        rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
+        if object_masks is not None:
+            rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks, sample["targets"][k])
     return rows
 
 
@@ -111,22 +156,20 @@ def video_frames(sample):
     return sample["frames"].__getitem__, len(sample["frames"])
 
 
-def run_videos(model, tok, dataset, indices, args, submission=None):
-    """Predict every expression of video items -> per-expression rows with J and F (ReVOS: also A, R, type_id),
-    or, on a split without ground truth, write the masks as submission PNGs: submission = (folder, pixel value)."""
+def video_rows(model, tok, sample, args, submission=None):
+    """One video item -> a row per expression with J and F (ReVOS: also A, R, type_id), or, on a split without
+    ground truth, its masks written as submission PNGs: submission = (folder, pixel value)."""
     rows = []
-    for i in tqdm(indices, desc="eval", disable=args.quiet, unit="video"):
-        sample = dataset[i]
-        load_frame, num_frames = video_frames(sample)
-        for k, expr in enumerate(sample["exprs"]):
-            preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, **generation(args))]
-            row = {"id": f"{sample['id']}/{k}", "expr": expr}
-            if submission is not None:
-                write_submission_masks(*submission, sample, preds)
-                rows.append({**row, "frames": num_frames})
-                continue
-            gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames)).numpy()
-            rows.append({**row, **video_scores(preds, gts, sample)})
+    load_frame, num_frames = video_frames(sample)
+    for k, expr in enumerate(sample["exprs"]):
+        preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, **generation(args))]
+        row = {"id": f"{sample['id']}/{k}", "expr": expr}
+        if submission is not None:
+            write_submission_masks(*submission, sample, preds)
+            rows.append({**row, "frames": num_frames})
+            continue
+        gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames)).numpy()
+        rows.append({**row, **video_scores(preds, gts, sample)})
     return rows
 
 
@@ -160,15 +203,15 @@ def without_ground_truth(dataset):
 
 
 def submission_target(args, dataset, rank):
-    """(folder, pixel value) where a split without ground truth writes its PNGs (emptied first), or None."""
+    """(folder, pixel value) where a split without ground truth writes its PNGs (emptied first, unless --resume), or None."""
     if not without_ground_truth(dataset):
         return None
     if args.dataset not in SUBMISSIONS:
         raise SystemExit(f"eval.py: {args.dataset} {args.split} under {args.data_root} has no ground truth and no "
                          f"submission server. Needs {DOWNLOAD_HINTS[args.dataset].replace('DATA', args.data_root)}.")
     root = os.path.join(args.out_dir, "submission")
-    if rank == 0 and os.path.isdir(root):
-        shutil.rmtree(root)  # a previous run's PNGs never end up in this zip
+    if rank == 0 and os.path.isdir(root) and not args.resume:
+        shutil.rmtree(root)  # a previous run's PNGs never end up in this zip (a resumed run keeps its own)
     if dist.is_initialized():
         dist.barrier()
     inside, value, _ = SUBMISSIONS[args.dataset]
@@ -208,23 +251,19 @@ def segment_answer(model, tok, image, question, max_new_tokens):
     return text, salma.SAM2Grounding.postprocess(low_res, model.cfg.sam_image_size, (h, w))[:, 0]
 
 
-def run_gcg(model, tok, dataset, indices, args, similarity=None):
-    """Caption every image with its phrases' masks -> per-image rows (caption, phrases, RLEs, mIoU, matches)."""
-    rows = []
-    for i in tqdm(indices, desc="gcg", disable=args.quiet, unit="img"):
-        sample = dataset[i]
-        text, masks = segment_answer(model, tok, sample["frames"][0], data.GCG_QUESTION, args.max_new_tokens)
-        caption, phrases = metrics.parse_gcg_answer(text)
-        pred = [m.cpu().numpy() for m in masks]
-        gt = [m.numpy() for m in sample["masks"][:, 0]]
-        matches = None
-        if similarity is not None:
-            sims = similarity(sample["labels"], phrases) if phrases and sample["labels"] else [[0.0] * len(pred)] * len(gt)
-            matches = metrics.gcg_matches(gt, pred[: len(phrases)], sims) if pred and gt else 0
-        rows.append({"id": sample["id"], "caption": caption, "phrases": phrases, "reference": sample["caption"],
-                     "pred_masks": [metrics.coco_rle(m) for m in pred], "miou": metrics.gcg_miou(pred, gt),
-                     "gt_labels": len(sample["labels"]), "matches": matches})
-    return rows
+def gcg_rows(model, tok, sample, args, similarity=None):
+    """Caption one image with its phrases' masks -> its row (caption, phrases, RLEs, mIoU, matches)."""
+    text, masks = segment_answer(model, tok, sample["frames"][0], data.GCG_QUESTION, args.max_new_tokens)
+    caption, phrases = metrics.parse_gcg_answer(text)
+    pred = [m.cpu().numpy() for m in masks]
+    gt = [m.numpy() for m in sample["masks"][:, 0]]
+    matches = None
+    if similarity is not None:
+        sims = similarity(sample["labels"], phrases) if phrases and sample["labels"] else [[0.0] * len(pred)] * len(gt)
+        matches = metrics.gcg_matches(gt, pred[: len(phrases)], sims) if pred and gt else 0
+    return [{"id": sample["id"], "caption": caption, "phrases": phrases, "reference": sample["caption"],
+             "pred_masks": [metrics.coco_rle(m) for m in pred], "miou": metrics.gcg_miou(pred, gt),
+             "gt_labels": len(sample["labels"]), "matches": matches}]
 
 
 def format_metrics(values):
@@ -303,6 +342,8 @@ def parse_args(argv=None):
                         "SAM-2 and MBA under bf16 autocast with fp32 weights")
     p.add_argument("--bert_dir", default="", help="gcg: a local bert-base-uncased directory for the phrase similarity of recall "
                    "(GLaMM's); '' = recall not computed")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out_dir: the items its "
+                   "progress files hold are read back, the rest predicted (same flags required; the same metrics.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
@@ -356,13 +397,15 @@ def main(argv=None):
     submission = submission_target(args, dataset, rank)
     start = time.time()
     indices = shard(n, rank, world)
+    if args.dataset == "gcg":
+        similarity = metrics.bert_similarity(args.bert_dir) if args.bert_dir else None
+        predict = partial(gcg_rows, model, tok, args=args, similarity=similarity)
+    elif is_video:
+        predict = partial(video_rows, model, tok, args=args, submission=submission)
+    else:
+        predict = partial(image_rows, model, tok, args=args)
     with torch.inference_mode():
-        if args.dataset == "gcg":
-            rows = run_gcg(model, tok, dataset, indices, args, metrics.bert_similarity(args.bert_dir) if args.bert_dir else None)
-        elif is_video:
-            rows = run_videos(model, tok, dataset, indices, args, submission)
-        else:
-            rows = run_images(model, tok, dataset, indices, args)
+        rows = run_items(dataset, indices, predict, args, rank, world)
     rows = gather(rows)
     if rank != 0:
         return

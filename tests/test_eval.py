@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -207,6 +208,31 @@ def test_mask_outcome_names_the_objects_a_mask_took():
     sliver[rows[len(rows) // 4]:] = False  # the top quarter of its rows: under half of its pixels
     assert ev.mask_outcome(sliver, objects, target) == "none"
     assert ev.mask_outcome(np.zeros_like(sliver), objects, target) == "none"
+
+
+@pytest.mark.slow
+def test_a_killed_eval_resumed_ends_with_the_same_metrics_json(run_dir, tmp_path):
+    """eval.py writes each item's predictions as it makes them; killed and rerun with --resume it predicts only
+    the rest and writes metrics.json byte for byte as an uninterrupted run; other flags on --resume: one line."""
+    flags = [f"--ckpt={run_dir}", "--num_samples=60", "--force_seg=True"]
+    whole = run_eval(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    progress = tmp_path / "cut" / "progress.rank0_of_1.jsonl"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), "--quiet", *flags, f"--out_dir={tmp_path / 'cut'}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (progress.exists() and len(progress.read_text().splitlines()) >= 4):
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "cut" / "metrics.json").exists()  # killed before the end
+    done = len(progress.read_text().splitlines()) - 1  # the header, then one line per item
+    resumed = run_eval(*flags, f"--out_dir={tmp_path / 'cut'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--resume: {done} of 60 items read back" in resumed.stdout or f"--resume: {done - 1} of 60" in resumed.stdout
+    assert (tmp_path / "cut" / "metrics.json").read_bytes() == (tmp_path / "whole" / "metrics.json").read_bytes()
+    assert len(progress.read_text().splitlines()) == 61
+    other = run_eval(f"--ckpt={run_dir}", "--num_samples=5", f"--out_dir={tmp_path / 'cut'}", "--resume")
+    fixtures.assert_one_line_error(other, "--resume", "progress.rank0_of_1.jsonl")
 
 
 @pytest.mark.slow
