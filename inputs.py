@@ -221,7 +221,7 @@ def sam_pixels(frames, size, sa2va_numerics=False, dtype=torch.float32, video=Fa
     mean, std = (torch.tensor(v, dtype=torch.bfloat16)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
     out = []
     for frame in frames:
-        x = torch.from_numpy(np.asarray(frame.convert("RGB").resize((size, size), resample=3))).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(frame.convert("RGB").resize((size, size), resample=3))).permute(2, 0, 1)
         x = (x.float() if video else x.to(dtype)) / 255.0
         out.append((x - mean) / std)  # fp32 - bf16 computes in fp32; bf16 - bf16 in bf16, as the in-place ops do there
     return torch.stack(out).to(dtype)
