@@ -27,6 +27,7 @@ import checkpoint
 import common
 import losses
 import metrics
+import mllm
 import salma
 import testbed
 from inputs import IMG_CONTEXT, SEG, encode_turns, make_train_batch, media_placeholder
@@ -103,12 +104,12 @@ def bench_table5(args):
     """Params and FLOPs per component, Table 5 layout."""
     model, tok = build(args.preset)
     x = real_inputs(model, tok)
-    mllm, g = model.mllm, model.grounding
-    vit_tokens = lambda: mllm.vision_model.forward_features(x["pixels"])
+    vl, g = model.mllm, model.grounding
+    vit_tokens = lambda: vl.vision_model.forward_features(x["pixels"])
     vit_out = vit_tokens()[:, 1:]
     side = int(vit_out.shape[1] ** 0.5)
-    shuffled = salma.pixel_shuffle(vit_out.reshape(1, side, side, -1), model.cfg.downsample_ratio).reshape(1, -1, vit_out.shape[-1] * 4)
-    out = mllm(x["ids"], x["pixels"], output_hidden_states=True)
+    shuffled = mllm.pixel_shuffle(vit_out.reshape(1, side, side, -1), model.cfg.downsample_ratio).reshape(1, -1, vit_out.shape[-1] * 4)
+    out = vl(x["ids"], x["pixels"], output_hidden_states=True)
     enc = g.encode_image(x["sam"])
     z = torch.randn(1, g.width)
     hidden = model.hidden_for_mba(out["hidden_states"])
@@ -116,10 +117,10 @@ def bench_table5(args):
     prepass_and_mba = lambda: model.refine(enc["image_embed"], enc["high_res_feats"], hidden, text)
     decoder = g.sam2_model.sam_mask_decoder
     rows = [
-        ("Vision Encoder (InternViT)", params_m(mllm.vision_model), flops(vit_tokens)),
+        ("Vision Encoder (InternViT)", params_m(vl.vision_model), flops(vit_tokens)),
         ("SAM-2 Image Encoder (Hiera)", params_m(g.sam2_model.image_encoder), flops(lambda: g.encode_image(x["sam"]))),
-        ("Visual Projector (mlp1)", params_m(mllm.mlp1), flops(lambda: mllm.mlp1(shuffled))),
-        ("LLM (Qwen2)", params_m(mllm.language_model), flops(lambda: mllm(x["ids"], x["pixels"])) - flops(vit_tokens)),
+        ("Visual Projector (mlp1)", params_m(vl.mlp1), flops(lambda: vl.mlp1(shuffled))),
+        ("LLM (Qwen2)", params_m(vl.language_model), flops(lambda: vl(x["ids"], x["pixels"])) - flops(vit_tokens)),
         ("SAM-2 Mask Decoder (final decode)", params_m(decoder) + params_m(g.sam2_model.sam_prompt_encoder),
          flops(lambda: g.decode(enc["image_embed"], enc["high_res_feats"], z))),
         ("SALMA Pre-Pass (Gating + Decoder) + MBA", params_m(model.mba), flops(prepass_and_mba)),
@@ -163,7 +164,7 @@ def bench_overhead(args):
     runs = {name: with_mba(model, layers, blocks, salma_pipeline(model, x))
             for name, layers in (("baseline", None), ("mba_layers=last", "last"), ("mba_layers=all", "all"))}
     gflops = {name: flops(run) / 1e9 for name, run in runs.items()}  # counted before packing: flop_counter sees aten ops
-    salma.pack_linears_for_cpu(model)  # timed as eval.py runs on CPU
+    mllm.pack_linears_for_cpu(model)  # timed as eval.py runs on CPU
     times = dict(zip(runs, interleaved_times(list(runs.values()), args.runs)))
     base = statistics.median(times["baseline"])
     steps = salma_step_times(model, x, blocks, 10 * args.runs)
@@ -193,12 +194,12 @@ def bench_internvl(args):
 
     torch.manual_seed(0)
     tok, cfg, ids = checkpoint.prepare_tokenizer(salma.Config.from_preset(args.preset if args.preset != "sa2va-1b" else "internvl2_5-1b"))
-    ours = salma.InternVL(cfg, ids[IMG_CONTEXT]).eval()
+    ours = mllm.InternVL(cfg, ids[IMG_CONTEXT]).eval()
     theirs = hf_internvl_reference(ours)  # transformers' default attention (SDPA) on our weights
     media = torch.tensor(tok.encode(media_placeholder(1, cfg, is_video=False)).ids)
     words = torch.randint(0, 256, (64,))  # 64 text tokens around one 448 tile
     input_ids, pixels = torch.cat([words[:32], media, words[32:]])[None], torch.randn(1, 3, cfg.image_size, cfg.image_size)
-    packed = salma.pack_linears_for_cpu(copy.deepcopy(ours))  # what eval.py runs on CPU
+    packed = mllm.pack_linears_for_cpu(copy.deepcopy(ours))  # what eval.py runs on CPU
     reference = theirs(input_ids=input_ids, pixel_values=pixels).logits
     diffs = {name: (m(input_ids, pixels)["logits"] - reference).abs().max().item() for name, m in (("plain", ours), ("packed", packed))}
     t_plain, t_packed, t_theirs = interleaved_medians([lambda: ours(input_ids, pixels), lambda: packed(input_ids, pixels),

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 import common
 import testbed
 from inputs import IMG_CONTEXT, QWEN_SPECIALS, SA2VA_TOKENS, PROMPT_WORDS, add_sa2va_tokens, load_tokenizer, tiny_tokenizer
-from salma import SALMA, Config, InternVL, MaskBiasedAttention, set_trainable
+from mllm import InternVL
+from salma import SALMA, Config, MaskBiasedAttention, set_trainable
 
 TINY_WORDS = sorted(set(PROMPT_WORDS) | set(testbed.WORDS))  # one token each in the tiny tokenizer
 

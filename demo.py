@@ -29,6 +29,7 @@ from PIL import Image, ImageSequence
 import checkpoint
 import common
 import plot
+import mllm
 import salma
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -357,7 +358,7 @@ def main(argv=None):
         overrides = {} if args.mba is None else {"mba": args.mba}
         model, tok = checkpoint.model_from_flags(args.ckpt, args.preset, device, args.dtype, **overrides)
         if device.type == "cpu":
-            salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
+            mllm.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
         if args.serve:
             return serve(model, tok, args)
         with torch.inference_mode():

@@ -38,6 +38,7 @@ import common
 import data
 import metrics
 import plot
+import mllm
 import salma
 import testbed
 
@@ -383,7 +384,7 @@ def main(argv=None):
     overrides = {} if args.mba is None else {"mba": args.mba}
     model, tok = checkpoint.model_from_flags(args.ckpt, args.preset, device, args.dtype, **overrides)
     if device.type == "cpu":
-        salma.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
+        mllm.pack_linears_for_cpu(model)  # inference only: oneDNN pre-packed weights, faster GEMMs
     os.makedirs(args.out_dir, exist_ok=True)
     n = min(len(dataset), args.limit) if args.limit else len(dataset)
     if args.visualize and args.dataset == "gcg":

@@ -33,6 +33,7 @@ import common
 import data
 import losses
 import plot
+import mllm
 import salma
 import testbed
 from inputs import make_train_batch, to_device
@@ -390,7 +391,7 @@ def build_model(train_cfg, preset, overrides):
 def export(train_cfg, preset, overrides):
     """Write out_dir/ckpt.pt's model in the official Sa2VA layout to --export (LoRA merged)."""
     model, tokenizer, step = checkpoint.load_trained(train_cfg.out_dir)
-    salma.merge_lora(model.mllm.language_model)
+    mllm.merge_lora(model.mllm.language_model)
     checkpoint.save_official(model, tokenizer, train_cfg.export)
     print(f"exported step {step} of {train_cfg.out_dir} to {train_cfg.export}")
 

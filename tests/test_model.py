@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+import mllm
 import salma
 import testbed
 import checkpoint
@@ -21,7 +22,7 @@ def tiny_internvl(seed=0):
     """A random tiny InternVL and its tokenizer."""
     torch.manual_seed(seed)
     tok, cfg, ids = checkpoint.prepare_tokenizer(TINY)
-    model = salma.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
+    model = mllm.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
     with torch.no_grad():  # LayerScale and norms away from their init so every weight matters
         for name, p in model.named_parameters():
             if p.ndim == 1:
@@ -216,7 +217,7 @@ def test_tied_lm_head_is_saved_once_and_tied_again_on_load(tmp_path):
 
     torch.manual_seed(0)
     tok, cfg, ids = checkpoint.prepare_tokenizer(salma.Config.from_preset("tiny", tie_word_embeddings=True))
-    model = salma.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
+    model = mllm.InternVL(cfg, ids[inputs.IMG_CONTEXT]).eval()
     checkpoint.save_official(model, tok, tmp_path, architecture="InternVLChatModel")
     assert "language_model.lm_head.weight" not in load_file(tmp_path / "model.safetensors")
     loaded, _ = checkpoint.load_internvl(str(tmp_path))
@@ -303,7 +304,7 @@ def test_greedy_generate_with_kv_cache_equals_full_recompute():
 
 def test_pixel_shuffle_hand_computed():
     x = torch.arange(8).float().reshape(1, 2, 4, 1)  # (N, W, H, C) with x[w, h] = 4w + h
-    y = salma.pixel_shuffle(x, 0.5)  # (1, 1, 2, 4): each output pixel holds a 2x2 block
+    y = mllm.pixel_shuffle(x, 0.5)  # (1, 1, 2, 4): each output pixel holds a 2x2 block
     # block order (w, h) = (0,0), (0,1), (1,0), (1,1)
     assert y.shape == (1, 1, 2, 4)
     assert y[0, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
@@ -332,7 +333,7 @@ def test_lora_starts_as_identity_and_trains_only_adapters():
     ids = torch.randint(0, 200, (1, 9))
     with torch.no_grad():
         before = model(ids)["logits"]
-        salma.apply_lora(model.language_model, r=4, alpha=8, dropout=0.0)
+        mllm.apply_lora(model.language_model, r=4, alpha=8, dropout=0.0)
         after = model(ids)["logits"]
     assert torch.equal(before, after)
     trainable = {n for n, p in model.language_model.layers.named_parameters() if p.requires_grad}
@@ -344,9 +345,9 @@ def test_packed_linears_match_transformers_and_fall_back_with_grad():
     model, tok, cfg = tiny_internvl()
     ref = hf_internvl_reference(model)
     keys = set(model.state_dict())
-    salma.pack_linears_for_cpu(model)
+    mllm.pack_linears_for_cpu(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m, salma.PackedLinear) for m in linears)
+    assert linears and all(isinstance(m, mllm.PackedLinear) for m in linears)
     assert set(model.state_dict()) == keys  # same checkpoint names
     ids, pixels = prompt_with_image(tok, cfg, random_image())
     with torch.no_grad():
