@@ -26,7 +26,7 @@ import common
 import testbed
 from inputs import IMG_CONTEXT, QWEN_SPECIALS, SA2VA_TOKENS, PROMPT_WORDS, add_sa2va_tokens, load_tokenizer, tiny_tokenizer
 from mllm import InternVL
-from salma import SALMA, Config, MaskBiasedAttention, set_trainable
+from salma import SALMA, Config, MaskBiasedAttention, SAM2Grounding, set_trainable
 
 TINY_WORDS = sorted(set(PROMPT_WORDS) | set(testbed.WORDS))  # one token each in the tiny tokenizer
 
@@ -195,6 +195,14 @@ def load_sam2_checkpoint(grounding, path):
         raise ValueError(f"{path}: expected a SAM-2 .pt holding {{'model': state_dict}}")
     check_keys(grounding.sam2_model.state_dict(), sd["model"], path)
     grounding.sam2_model.load_state_dict(sd["model"])
+
+
+def load_propagator(path, model):
+    """A second SAM-2 with model's SAM-2 settings and the weights of a SAM-2 .pt (e.g. the original sam2_hiera_large.pt),
+    on model's device, to track videos from keyframe masks (salma.track, Sa2VA-i)."""
+    grounding = SAM2Grounding(model.cfg)
+    load_sam2_checkpoint(grounding, path)
+    return grounding.sam2_model.to(model.device).eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,40 +53,58 @@ def peak_host_memory_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def shard(n, rank, world):
-    """This rank's item indices."""
-    return list(range(rank, n, world))
+def item_groups(dataset, n):
+    """The first n items grouped by the image or video they share (RefCOCO's sentences of one image, a video's
+    expressions), in order of first appearance; every other item is its own group."""
+    groups = {}
+    for i in range(n):
+        if isinstance(dataset, data.RefCOCODataset):
+            key = ("image", dataset.items[i][0]["image_id"])
+        elif isinstance(dataset, data.VideoRefDataset):
+            key = ("video", dataset.items[i]["video"])
+        else:
+            key = ("item", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def gather(obj):
-    """All ranks' lists concatenated (identity without torchrun)."""
+    """All ranks' {item: rows} merged (identity without torchrun)."""
     if not dist.is_initialized():
         return obj
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
+    return {i: rows for part in parts for i, rows in part.items()}
 
 
-RUN_FIELDS = ("dataset", "split", "ckpt", "mba", "limit", "num_samples", "force_seg", "max_new_tokens", "dtype", "bert_dir")
+RUN_FIELDS = ("dataset", "split", "ckpt", "mba", "limit", "num_samples", "force_seg", "max_new_tokens", "dtype", "bert_dir",
+              "share", "batch_size", "keyframes", "sam2_ckpt")
 
 
-def run_items(dataset, indices, predict, args, rank, world):
-    """The rows of predict(sample) for each item, in indices order. Each item's rows are appended to
-    OUT_DIR/progress.rank{r}_of_{w}.jsonl as they are made; with --resume the items already there are read
-    back instead of predicted again, so a killed run continues where it stopped, with the same results."""
+def run_items(dataset, groups, predict, args, rank, world):
+    """{item: rows} for this rank's groups (every world-th, from rank), predict(samples) giving each sample's rows.
+    Each item's rows are appended to OUT_DIR/progress.rank{r}_of_{w}.jsonl as they are made; with --resume the
+    items already there are read back instead of predicted again, so a killed run continues where it stopped."""
     path = os.path.join(args.out_dir, f"progress.rank{rank}_of_{world}.jsonl")
     identity = {name: getattr(args, name) for name in RUN_FIELDS}
     done = read_progress(path, identity) if args.resume else {}
+    mine = groups[rank::world]
     if done and rank == 0:
-        print(f"--resume: {len(done)} of {len(indices)} items read back from {path}")
-    with open(path, "a" if done else "w") as f:
+        print(f"--resume: {len(done)} of {sum(map(len, mine))} items read back from {path}")
+    with open(path, "a" if done else "w") as f, tqdm(total=sum(map(len, mine)), desc="eval", disable=args.quiet, unit="item") as bar:
         if not done:
             f.write(json.dumps({"run": identity}) + "\n")
-        for i in tqdm([i for i in indices if i not in done], desc="eval", disable=args.quiet, unit="item"):
-            done[i] = predict(dataset[i])
-            f.write(json.dumps({"item": i, "rows": done[i]}) + "\n")
+        bar.update(sum(i in done for group in mine for i in group))
+        for group in mine:
+            todo = [i for i in group if i not in done]
+            if not todo:
+                continue
+            for i, rows in zip(todo, predict([dataset[i] for i in todo])):
+                done[i] = rows
+                f.write(json.dumps({"item": i, "rows": rows}) + "\n")
             f.flush()
-    return [row for i in indices for row in done[i]]
+            bar.update(len(todo))
+    return {i: done[i] for group in mine for i in group}
 
 
 def read_progress(path, identity):
@@ -112,20 +130,34 @@ def read_progress(path, identity):
     return done
 
 
-def image_rows(model, tok, sample, args):
-    """One image item -> a row per expression: id, expr, I, U, area ratio, missing (+ outcome on a generated scene)."""
-    rows, object_masks = [], None  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
-    if sample.get("objects"):
-        object_masks = testbed.render(sample["objects"], sample["frames"][0].size)[1].numpy()
-    for k, expr in enumerate(sample["exprs"]):
-        gt, maps = sample["masks"][k, 0].numpy(), {}
-        pred = model.segment_image(sample["frames"][0], expr, tok, maps=maps, **generation(args)).cpu().numpy()
-        missing = maps.get("no_seg", False)  # the answer had no [SEG]: no prediction
-        inter, union = metrics.intersection_union(None if missing else pred, gt)
-        rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": missing})
-        if object_masks is not None:
-            rows[-1]["outcome"] = mask_outcome(pred & (not missing), object_masks, sample["targets"][k])
-    return rows
+def image_rows(model, tok, samples, args):
+    """Items of one image -> per item a row per expression: id, expr, I, U, area ratio, missing (+ outcome on a generated scene).
+
+    --share: the expressions share the image's work (SALMA.segment_image_many); else each runs alone (segment_image).
+    """
+    image, exprs = samples[0]["frames"][0], [expr for sample in samples for expr in sample["exprs"]]
+    if args.share:
+        preds, _, missing = model.segment_image_many(image, exprs, tok, batch_size=args.batch_size, **generation(args))
+    else:
+        preds, missing = [], []
+        for expr in exprs:
+            maps = {}
+            preds.append(model.segment_image(image, expr, tok, maps=maps, **generation(args)))
+            missing.append(maps.get("no_seg", False))  # the answer had no [SEG]: no prediction
+    results, e = [], 0
+    for sample in samples:
+        rows, object_masks = [], None  # a generated scene: its objects' masks (K, H, W), to tell which a mask took
+        if sample.get("objects"):
+            object_masks = testbed.render(sample["objects"], image.size)[1].numpy()
+        for k, expr in enumerate(sample["exprs"]):
+            gt, pred, lost = sample["masks"][k, 0].numpy(), preds[e].cpu().numpy(), bool(missing[e])
+            inter, union = metrics.intersection_union(None if lost else pred, gt)
+            rows.append({"id": sample["id"], "expr": expr, "I": inter, "U": union, "area": float(gt.mean()), "missing": lost})
+            if object_masks is not None:
+                rows[-1]["outcome"] = mask_outcome(pred & (not lost), object_masks, sample["targets"][k])
+            e += 1
+        results.append(rows)
+    return results
 
 
 OUTCOMES = ("target", "target+others", "others", "none")  # what a mask on a generated image took (mask_outcome)
@@ -157,36 +189,57 @@ def video_frames(sample):
     return sample["frames"].__getitem__, len(sample["frames"])
 
 
-def video_rows(model, tok, sample, args, submission=None):
-    """One video item -> a row per expression with J and F (ReVOS: also A, R, type_id), or, on a split without
-    ground truth, its masks written as submission PNGs: submission = (folder, pixel value)."""
-    rows = []
-    load_frame, num_frames = video_frames(sample)
-    for k, expr in enumerate(sample["exprs"]):
-        preds = [m.cpu().numpy() for m in salma.segment_video(model, load_frame, num_frames, expr, tok, **generation(args))]
-        row = {"id": f"{sample['id']}/{k}", "expr": expr}
+def video_rows(model, tok, samples, args, submission=None, propagator=None):
+    """Items of one video -> per item a row per expression with J and F (ReVOS: also A, R, type_id), or, on a split
+    without ground truth, its masks written as submission PNGs: submission = (folder, pixel value).
+
+    Frames stream: each frame's masks are scored or written as they are made, never all held. --share: the
+    expressions share the video's work (SALMA.answer_many + salma.track); else each runs alone (segment_video).
+    --keyframes and propagator (--sam2_ckpt's SAM-2) choose Sa2VA's or Sa2VA-i's video protocol (salma.track).
+    """
+    load_frame, num_frames = video_frames(samples[0])
+    uniform = args.keyframes == "uniform"
+    pairs = [(sample, k) for sample in samples for k in range(len(sample["exprs"]))]  # (item, its k-th expression)
+    exprs = [sample["exprs"][k] for sample, k in pairs]
+    scores = [metrics.FrameScores() for _ in pairs]
+    if args.share:
+        keyframes = [load_frame(t) for t in salma.keyframe_indices(num_frames, model.cfg.video_frames, uniform)]
+        answers = model.answer_many(keyframes, exprs, tok, is_video=True, batch_size=args.batch_size, **generation(args))
+        del keyframes
+        for t, masks in enumerate(salma.track(model, load_frame, num_frames, answers, args.batch_size, uniform=uniform,
+                                              propagator=propagator)):
+            for (sample, k), score, mask in zip(pairs, scores, masks):
+                score_frame(sample, k, t, mask.numpy(), score, submission)
+    else:
+        for (sample, k), score, expr in zip(pairs, scores, exprs):
+            frames = salma.segment_video(model, load_frame, num_frames, expr, tok, uniform=uniform, propagator=propagator, **generation(args))
+            for t, mask in enumerate(frames):
+                score_frame(sample, k, t, mask.numpy(), score, submission)
+    rows = {id(sample): [] for sample in samples}
+    for (sample, k), score in zip(pairs, scores):
+        row = {"id": f"{sample['id']}/{k}", "expr": sample["exprs"][k]}
         if submission is not None:
-            write_submission_masks(*submission, sample, preds)
-            rows.append({**row, "frames": num_frames})
-            continue
-        gts = sample["masks"][k].numpy() if "masks" in sample else sample["load_masks"](range(num_frames)).numpy()
-        rows.append({**row, **video_scores(preds, gts, sample)})
-    return rows
+            row["frames"] = num_frames
+        else:
+            row.update(score.result())
+            if sample.get("type_id") is not None:
+                row["type_id"] = sample["type_id"]
+        rows[id(sample)].append(row)
+    return [rows[id(sample)] for sample in samples]
 
 
-def video_scores(preds, gts, sample):
-    """J and F of one expression (means over its frames); ReVOS adds A, R (with its foreground masks) and type_id."""
-    meter = metrics.JFMeter()
-    meter.add(sample["id"], preds, list(gts))
-    j, f = meter.per_expression[sample["id"]]
-    scores = {"J": j, "F": f}
-    if sample.get("type_id") is not None:
-        scores["type_id"] = sample["type_id"]
-    if sample.get("load_foreground") is not None:
-        foreground = sample["load_foreground"](range(len(preds))).numpy()
-        scores["A"] = float(np.mean([metrics.accuracy(g, p) for g, p in zip(gts, preds)]))
-        scores["R"] = float(np.mean([metrics.robustness(g, p, fg) for g, p, fg in zip(gts, preds, foreground)]))
-    return scores
+def score_frame(sample, k, t, pred, score, submission):
+    """Frame t's predicted mask (H, W) for a video item's k-th expression: scored against its ground truth, or written
+    as a submission PNG (folder/<video>/<exp_id>/<frame>.png, single-channel 0 / value)."""
+    if submission is not None:
+        folder, value = submission
+        out = os.path.join(folder, sample["video"], sample["exp_id"])
+        os.makedirs(out, exist_ok=True)
+        Image.fromarray(pred.astype(np.uint8) * value).save(os.path.join(out, sample["frame_names"][t] + ".png"))
+        return
+    gt = sample["masks"][k, t].numpy() if "masks" in sample else sample["load_masks"]([t])[0].numpy()
+    foreground = sample["load_foreground"]([t])[0].numpy() if sample.get("load_foreground") is not None else None
+    score.add(pred, gt, foreground)
 
 
 # the official submission of each video benchmark whose split ships no ground truth:
@@ -219,14 +272,6 @@ def submission_target(args, dataset, rank):
     return os.path.join(root, inside), value
 
 
-def write_submission_masks(folder, value, sample, preds):
-    """One expression's masks as folder/<video>/<exp_id>/<frame>.png (single-channel, 0 / value)."""
-    out = os.path.join(folder, sample["video"], sample["exp_id"])
-    os.makedirs(out, exist_ok=True)
-    for name, mask in zip(sample["frame_names"], preds):
-        Image.fromarray(mask.astype(np.uint8) * value).save(os.path.join(out, name + ".png"))
-
-
 def zip_submission(out_dir):
     """Zip out_dir/submission/ into out_dir/submission.zip, paths relative to submission/ (sorted)."""
     root, path = os.path.join(out_dir, "submission"), os.path.join(out_dir, "submission.zip")
@@ -241,19 +286,20 @@ def segment_answer(model, tok, image, question, max_new_tokens):
     """Answer a question about a PIL image by generation -> (text, bool masks (N, H, W), one per [SEG])."""
     text, z_seg, hidden, valid = model.answer([image], "", tok, max_new_tokens=max_new_tokens, question="<image>\n" + question)
     w, h = image.size
-    n = z_seg.shape[0]
-    if n == 0:
+    if z_seg.shape[0] == 0:
         return text, torch.zeros(0, h, w, dtype=torch.bool)
     with model.autocast():
         enc = model.grounding.encode_image(model.sam_input([image]))
-        image_embed = enc["image_embed"].expand(n, -1, -1, -1)
-        high_res = [f.expand(n, -1, -1, -1) for f in enc["high_res_feats"]]
-        low_res = model.grounding.decode(model.refine(image_embed, high_res, hidden, valid), high_res, z_seg)
-    return text, salma.SAM2Grounding.postprocess(low_res, model.cfg.sam_image_size, (h, w))[:, 0]
+        return text, model.decode_prompts(enc, z_seg, hidden, valid, (h, w))
 
 
-def gcg_rows(model, tok, sample, args, similarity=None):
-    """Caption one image with its phrases' masks -> its row (caption, phrases, RLEs, mIoU, matches)."""
+def gcg_rows(model, tok, samples, args, similarity=None):
+    """Caption each image with its phrases' masks -> per item its row (caption, phrases, RLEs, mIoU, matches)."""
+    return [[gcg_row(model, tok, sample, args, similarity)] for sample in samples]
+
+
+def gcg_row(model, tok, sample, args, similarity=None):
+    """Caption one image with its phrases' masks -> its row."""
     text, masks = segment_answer(model, tok, sample["frames"][0], data.GCG_QUESTION, args.max_new_tokens)
     caption, phrases = metrics.parse_gcg_answer(text)
     pred = [m.cpu().numpy() for m in masks]
@@ -262,9 +308,9 @@ def gcg_rows(model, tok, sample, args, similarity=None):
     if similarity is not None:
         sims = similarity(sample["labels"], phrases) if phrases and sample["labels"] else [[0.0] * len(pred)] * len(gt)
         matches = metrics.gcg_matches(gt, pred[: len(phrases)], sims) if pred and gt else 0
-    return [{"id": sample["id"], "caption": caption, "phrases": phrases, "reference": sample["caption"],
-             "pred_masks": [metrics.coco_rle(m) for m in pred], "miou": metrics.gcg_miou(pred, gt),
-             "gt_labels": len(sample["labels"]), "matches": matches}]
+    return {"id": sample["id"], "caption": caption, "phrases": phrases, "reference": sample["caption"],
+            "pred_masks": [metrics.coco_rle(m) for m in pred], "miou": metrics.gcg_miou(pred, gt),
+            "gt_labels": len(sample["labels"]), "matches": matches}
 
 
 def format_metrics(values):
@@ -313,6 +359,7 @@ DOWNLOAD_HINTS = {
     "gcg": "GLaMM's GranDf GCG evaluation files as Sa2VA reads them: DATA/glamm_data/annotations/gcg_val_test/{val,test}_gcg_coco_{caption,mask}_gt.json and images in DATA/glamm_data/images/grandf/val_test/",
 }
 DATASETS = ("synthetic", "synthetic_video", "synthetic_distractor", "refcoco", "refcoco+", "refcocog", "davis17", "mevis", "ytvos", "revos", "gcg")
+DEFAULT_BATCH = 8  # --batch_size: see README, Evaluation speed
 VIDEO_DATASETS = ("synthetic_video", "davis17", "mevis", "ytvos", "revos")
 
 
@@ -343,6 +390,16 @@ def parse_args(argv=None):
                         "SAM-2 and MBA under bf16 autocast with fp32 weights")
     p.add_argument("--bert_dir", default="", help="gcg: a local bert-base-uncased directory for the phrase similarity of recall "
                    "(GLaMM's); '' = recall not computed")
+    p.add_argument("--share", type=common.parse_bool, default=True, metavar="BOOL",
+                   help="the expressions of one image or video share its work: InternViT, the prompt's KV cache and SAM-2's "
+                        "encoder run once for all (default True); False: each expression alone, as Sa2VA's evaluation runs")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help=f"--share: expressions answered, decoded and tracked "
+                   f"together (default {DEFAULT_BATCH}; 1: one at a time, still sharing)")
+    p.add_argument("--keyframes", default="first", choices=["first", "uniform"],
+                   help="video frames the MLLM sees and SAM-2 decodes with [SEG]: the first five (default, Sa2VA) or five "
+                        "spread over the video (uniform, Sa2VA-i)")
+    p.add_argument("--sam2_ckpt", default="", help="a SAM-2 .pt (e.g. the original sam2_hiera_large.pt) that tracks videos: the "
+                   "keyframes' [SEG] masks become its mask prompts (Sa2VA-i); '' = the model's own SAM-2 tracks (Sa2VA)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same --out_dir: the items its "
                    "progress files hold are read back, the rest predicted (same flags required; the same metrics.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -350,7 +407,7 @@ def parse_args(argv=None):
     args.split = args.split or data.EVAL_SPLITS.get(args.dataset, "val")
     if args.dataset.startswith("synthetic") and args.split != "val":
         p.error(f"--split={args.split}: the generated sets have one split, val")
-    for name, least in (("num_samples", 1), ("limit", 0), ("visualize", 0), ("max_new_tokens", 1)):
+    for name, least in (("num_samples", 1), ("limit", 0), ("visualize", 0), ("max_new_tokens", 1), ("batch_size", 1)):
         if getattr(args, name) < least:
             p.error(f"--{name}={getattr(args, name)}: must be at least {least}")
     args.out_dir = args.out_dir or os.path.join("eval_out", f"{args.dataset}_{args.split}" + ("_baseline" if args.mba is False else ""))
@@ -397,17 +454,17 @@ def main(argv=None):
     is_video = args.dataset in VIDEO_DATASETS
     submission = submission_target(args, dataset, rank)
     start = time.time()
-    indices = shard(n, rank, world)
     if args.dataset == "gcg":
         similarity = metrics.bert_similarity(args.bert_dir) if args.bert_dir else None
         predict = partial(gcg_rows, model, tok, args=args, similarity=similarity)
     elif is_video:
-        predict = partial(video_rows, model, tok, args=args, submission=submission)
+        propagator = checkpoint.load_propagator(args.sam2_ckpt, model) if args.sam2_ckpt else None
+        predict = partial(video_rows, model, tok, args=args, submission=submission, propagator=propagator)
     else:
         predict = partial(image_rows, model, tok, args=args)
     with torch.inference_mode():
-        rows = run_items(dataset, indices, predict, args, rank, world)
-    rows = gather(rows)
+        done = gather(run_items(dataset, item_groups(dataset, n), predict, args, rank, world))
+    rows = [row for i in sorted(done) for row in done[i]]  # item order: the same metrics on any number of ranks
     if rank != 0:
         return
     if submission is not None:

@@ -124,6 +124,26 @@ def f_measure(gt, pred, bound_th=0.008):
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
 
 
+class FrameScores:
+    """One expression's scores, frame by frame: J and F (with foreground masks: ReVOS's A and R); result() = their means."""
+
+    def __init__(self):
+        self.scores = {"J": [], "F": []}
+
+    def add(self, pred, gt, foreground=None):
+        """One frame: pred (None = empty) and its GT mask (H, W); foreground: every annotated object (ReVOS)."""
+        pred = np.zeros_like(gt, dtype=bool) if pred is None else pred
+        frame = {"J": iou(pred, gt), "F": f_measure(gt, pred)}
+        if foreground is not None:
+            frame.update(A=accuracy(gt, pred), R=robustness(gt, pred, foreground))
+        for name, value in frame.items():
+            self.scores.setdefault(name, []).append(value)
+
+    def result(self):
+        """{name: mean over the frames added}."""
+        return {name: float(np.mean(values)) for name, values in self.scores.items()}
+
+
 class JFMeter:
     """Per expression: mean J and mean F over all its frames; J&F = (mean J + mean F) / 2 over expressions.
 
@@ -138,9 +158,11 @@ class JFMeter:
         """One expression's frames: preds (None = empty) and GT masks, same length."""
         if len(preds) != len(gts):
             raise ValueError(f"{key}: {len(preds)} predicted frames for {len(gts)} annotated frames")
-        js = [iou(p, g) for p, g in zip(preds, gts)]
-        fs = [f_measure(g, p if p is not None else np.zeros_like(g)) for p, g in zip(preds, gts)]
-        self.per_expression[key] = (float(np.mean(js)), float(np.mean(fs)))
+        frames = FrameScores()
+        for p, g in zip(preds, gts):
+            frames.add(p, g)
+        scores = frames.result()
+        self.per_expression[key] = (scores["J"], scores["F"])
 
     def result(self):
         """Dict of J, F, J&F (percent) and N."""

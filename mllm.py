@@ -148,8 +148,12 @@ class Qwen2(nn.Module):
         self.apply(qwen2_init)
 
 
-    def forward(self, embeds, attention_mask=None, cache=None, output_hidden_states=False):
-        """embeds (B, L, D), attention_mask (B, L_past + L) bool -> logits (B, L, V), hidden states."""
+    def forward(self, embeds, attention_mask=None, cache=None, output_hidden_states=False, last_only=False):
+        """embeds (B, L, D), attention_mask (B, L_past + L) bool -> logits (B, L, V), hidden states.
+
+        last_only: logits of the last position only (B, 1, V): generation needs no more, and a long
+        prompt's full logits are the largest tensor of inference (1,800 tokens x 151k words).
+        """
         b, n, _ = embeds.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -170,7 +174,7 @@ class Qwen2(nn.Module):
             hidden.append(x)
         x = self.norm(x)
         hidden[-1] = x  # the last entry is after the final norm ([SEG] and MBA read it)
-        return {"logits": self.lm_head(x), "hidden_states": hidden if output_hidden_states else None}
+        return {"logits": self.lm_head(x[:, -1:] if last_only else x), "hidden_states": hidden if output_hidden_states else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,26 +295,35 @@ class InternVL(nn.Module):
         return self.language_model(embeds, attention_mask, output_hidden_states=output_hidden_states)
 
     @torch.inference_mode()
-    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False, context_index=None):
-        """Greedy decoding of one prompt (1, L) with the KV cache.
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False, context_index=None,
+                 attention_mask=None, cache=None):
+        """Greedy decoding of prompts (B, L) with the KV cache.
 
-        Returns (generated ids (T,), hidden states of prompt + generated tokens (list per layer of
-        (1, L + T - 1, D)) when keep_hidden, else None). Stops after a stop id or max_new_tokens.
+        attention_mask (B, L_past + L): False on left padding; cache: the KV cache of a prefix every row
+        continues (None: a fresh one). Returns (generated ids (B, T): a row that stops early repeats its
+        stop id; hidden states of prompt + generated tokens (list per layer of (B, L + T - 1, D)) when
+        keep_hidden, else None). A row stops after a stop id; all stop after max_new_tokens.
         """
-        cache = [{} for _ in self.language_model.layers]
-        out = self.language_model(self.embed(input_ids, pixel_values, context_index), cache=cache, output_hidden_states=keep_hidden)
+        llm = self.language_model
+        cache = [{} for _ in llm.layers] if cache is None else cache
+        out = llm(self.embed(input_ids, pixel_values, context_index), attention_mask, cache, keep_hidden, last_only=True)
         hidden = [[h] for h in out["hidden_states"]] if keep_hidden else None
-        generated = []
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=input_ids.device)
+        generated, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            next_id = out["logits"][0, -1].argmax()
-            generated.append(int(next_id))
-            if int(next_id) in stop_ids or len(generated) == max_new_tokens:
+            next_id = out["logits"][:, -1].argmax(-1)  # (B,)
+            if generated:
+                next_id = torch.where(done, generated[-1], next_id)
+            generated.append(next_id)
+            done |= torch.isin(next_id, stop)
+            if bool(done.all()) or len(generated) == max_new_tokens:
                 break
-            embeds = self.language_model.embed_tokens(next_id.view(1, 1))
-            out = self.language_model(embeds, cache=cache, output_hidden_states=keep_hidden)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_id), 1)], dim=1)
+            out = llm(llm.embed_tokens(next_id[:, None]), attention_mask, cache, keep_hidden, last_only=True)
             if keep_hidden:
                 for per_layer, h in zip(hidden, out["hidden_states"]):
                     per_layer.append(h)
         if keep_hidden:
             hidden = [torch.cat(h, dim=1) for h in hidden]
-        return torch.tensor(generated, dtype=torch.long), hidden
+        return torch.stack(generated, dim=1), hidden

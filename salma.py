@@ -425,8 +425,8 @@ class SALMA(nn.Module):
                 stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
                 generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True,
                                                        context_index=context_index)
-                sequence = torch.cat([ids, generated.cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
-                text = tokenizer.decode([i for i in generated.tolist() if i not in stop], skip_special_tokens=False)  # [SEG] kept
+                sequence = torch.cat([ids, generated[0].cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
+                text = tokenizer.decode([i for i in generated[0].tolist() if i not in stop], skip_special_tokens=False)  # [SEG] kept
             seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten().to(self.device)
             z_seg = self.text_hidden_fcs(hidden[-1][0, seg_pos])  # (N, C)
             n = len(seg_pos)
@@ -458,13 +458,90 @@ class SALMA(nn.Module):
             return torch.zeros(h, w, dtype=torch.bool)
         with self.autocast():
             enc = self.grounding.encode_image(self.sam_input([image]))
-            image_embed, high_res = enc["image_embed"][:1], [f[:1] for f in enc["high_res_feats"]]
-            hidden, valid = [h[:1] if h is not None else None for h in hidden], valid[:1]
-            feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
-            low_res = self.grounding.decode(feats, high_res, z_seg[:1])  # the first [SEG] answers
-            if maps is not None:
-                maps["low_res"] = low_res
-        return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, (h, w))[0, 0]
+            return self.decode_prompts(enc, *stack_answers([(text, z_seg, hidden, valid)]), (h, w), maps)[0]
+
+    @torch.inference_mode()
+    def answer_many(self, frames, exprs, tokenizer, is_video=False, force_seg=False, max_new_tokens=2048, batch_size=8):
+        """answer() for several expressions of the same frames, sharing their work.
+
+        InternViT and the projector run once; the LLM runs the prompt prefix every expression shares
+        (everything before the expression) once into a KV cache, and each batch of batch_size
+        expressions continues it, left-padded, in one forward (force_seg) or one greedy generation.
+        Returns answer()'s tuple per expression, except that hidden and text_valid hold only the
+        prompt's text tokens (all that MBA reads): (N, T_text, D) and (N, T_text).
+        """
+        with self.autocast():
+            cfg, llm = self.cfg, self.mllm.language_model
+            pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
+            media = media_placeholder(pixel_values.shape[0], cfg, is_video)
+            turns = [(eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None) for expr in exprs]
+            prompts = [encode_turns(tokenizer, [turn], cfg.system_prompt, media) for turn in turns]
+            ids, text_masks = [p[0].to(self.device) for p in prompts], [p[2][0].to(self.device) for p in prompts]
+            n_prefix = common_prefix_length(ids)
+            cache = [{} for _ in llm.layers]  # the prefix's keys and values, shared by every expression
+            prefix = llm(self.mllm.embed(ids[0][None, :n_prefix], pixel_values), cache=cache, output_hidden_states=True,
+                         last_only=True)["hidden_states"]  # per layer (1, n_prefix, D)
+            answers = []
+            for start in range(0, len(exprs), batch_size):
+                rows = range(start, min(start + batch_size, len(exprs)))
+                answers += self.continue_prefix([ids[i] for i in rows], [text_masks[i] for i in rows], prefix, cache,
+                                                tokenizer, force_seg, max_new_tokens)
+            return answers
+
+    def continue_prefix(self, ids, text_masks, prefix, cache, tokenizer, force_seg, max_new_tokens):
+        """answer()'s tuples (text tokens only, see answer_many) for prompts ids [(L_i,)] that all start with the
+        prefix whose hidden states (per layer (1, P, D)) and KV cache are given: one batch, left-padded."""
+        llm, n_prefix, b = self.mllm.language_model, prefix[0].shape[1], len(ids)
+        suffixes = [x[n_prefix:] for x in ids]
+        pads = [max(len(x) for x in suffixes) - len(x) for x in suffixes]
+        batch = torch.stack([F.pad(x, (pad, 0), value=self.token_ids["<|endoftext|>"]) for x, pad in zip(suffixes, pads)])
+        real = torch.stack([torch.arange(batch.shape[1], device=self.device) >= pad for pad in pads])  # (B, W)
+        mask = torch.cat([real.new_ones(b, n_prefix), real], dim=1)  # (B, P + W)
+        batch_cache = [{"k": c["k"].expand(b, -1, -1, -1), "v": c["v"].expand(b, -1, -1, -1)} for c in cache]
+        stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+        if force_seg:
+            hidden = llm(llm.embed_tokens(batch), mask, batch_cache, output_hidden_states=True, last_only=True)["hidden_states"]
+            generated = [torch.zeros(0, dtype=torch.long)] * b
+        else:
+            tokens, hidden = self.mllm.generate(batch, None, max_new_tokens, stop, keep_hidden=True, attention_mask=mask, cache=batch_cache)
+            generated = [first_stop(row, stop) for row in tokens.cpu()]
+        wanted = [i for i, h in enumerate(self.hidden_for_mba(hidden)) if h is not None]
+        answers = []
+        for row, (x, text_mask, pad, new) in enumerate(zip(ids, text_masks, pads, generated)):
+            sequence = torch.cat([x, new.to(self.device)])[: len(x) + max(len(new) - 1, 0)]  # hidden covers all but the last token
+            layer = lambda i: torch.cat([prefix[i][0], hidden[i][row, pad:]])  # (len(sequence), D)
+            seg_pos = (sequence == self.token_ids[SEG]).nonzero().flatten()
+            z_seg = self.text_hidden_fcs(layer(-1)[seg_pos])  # (N, C)
+            text_pos = text_mask.nonzero().flatten()
+            per_layer = [layer(i)[text_pos].expand(len(seg_pos), -1, -1) if i in wanted else None for i in range(len(hidden))]
+            text = FORCED_ANSWER if force_seg else tokenizer.decode([i for i in new.tolist() if i not in stop], skip_special_tokens=False)
+            answers.append((text, z_seg, per_layer, text_pos.new_ones(len(seg_pos), len(text_pos), dtype=torch.bool)))
+        return answers
+
+    @torch.inference_mode()
+    def segment_image_many(self, image, exprs, tokenizer, force_seg=False, max_new_tokens=2048, batch_size=8):
+        """segment_image() for several expressions of one PIL image, sharing its work (answer_many; SAM-2's
+        encoder once, the decoder batched) -> (bool masks (E, H, W), answer texts, missing: no [SEG] per expression)."""
+        answers = self.answer_many([image], exprs, tokenizer, force_seg=force_seg, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        w, h = image.size
+        masks, with_seg = torch.zeros(len(exprs), h, w, dtype=torch.bool), [i for i, a in enumerate(answers) if a[1].shape[0]]
+        if with_seg:
+            with self.autocast():
+                enc = self.grounding.encode_image(self.sam_input([image]))
+                for start in range(0, len(with_seg), batch_size):
+                    rows = with_seg[start: start + batch_size]
+                    masks[rows] = self.decode_prompts(enc, *stack_answers([answers[i] for i in rows]), (h, w))
+        return masks, [a[0] for a in answers], [a[1].shape[0] == 0 for a in answers]
+
+    def decode_prompts(self, enc, z_seg, hidden, valid, size, maps=None):
+        """Bool masks (n, H, W) of n prompts on one encoded image: z_seg (n, C), MBA's hidden per layer (n, L, D), valid (n, L)."""
+        n = z_seg.shape[0]
+        image_embed, high_res = enc["image_embed"][:1].expand(n, -1, -1, -1), [f[:1].expand(n, -1, -1, -1) for f in enc["high_res_feats"]]
+        feats = self.refine(image_embed, high_res, hidden, valid, maps=maps)
+        low_res = self.grounding.decode(feats, high_res, z_seg)
+        if maps is not None:
+            maps["low_res"] = low_res
+        return SAM2Grounding.postprocess(low_res, self.cfg.sam_image_size, size)[:, 0]
 
     def sam_input(self, frames, video=False):
         """SAM-2's input (T, 3, S, S) for PIL frames, on the model's device, in its dtype (sam_pixels; cfg.sa2va_numerics)."""
@@ -520,52 +597,170 @@ def set_trainable(model, recipe, lora_r=128, lora_alpha=256, lora_dropout=0.05):
     return model
 
 
+def common_prefix_length(sequences):
+    """How many leading tokens all sequences (1-D tensors) share, at most the shortest's length - 1 (each keeps one of its own)."""
+    n = min(len(x) for x in sequences) - 1
+    for x in sequences[1:]:
+        n = int((x[:n] == sequences[0][:n]).long().cumprod(0).sum())
+    return n
+
+
+def first_stop(tokens, stop):
+    """A generated row (T,) cut after its first stop id (generate repeats it to the end)."""
+    hits = [t for t, token in enumerate(tokens.tolist()) if token in stop]
+    return tokens[: hits[0] + 1] if hits else tokens
+
+
+def stack_answers(answers):
+    """The first [SEG] of each answer() tuple as one batch: z_seg (n, C), hidden per layer (n, L, D) and text_valid (n, L),
+    right-padded to the longest L (padding is not valid, so MBA never reads it)."""
+    width = max(a[3].shape[1] for a in answers)
+
+    def pad(x):  # (1, L, ...) -> (1, width, ...), zeros after L
+        out = x.new_zeros(1, width, *x.shape[2:])
+        out[:, : x.shape[1]] = x
+        return out
+
+    hidden = [None if h is None else torch.cat([pad(a[2][i][:1]) for a in answers]) for i, h in enumerate(answers[0][2])]
+    return torch.cat([a[1][:1] for a in answers]), hidden, torch.cat([pad(a[3][:1]) for a in answers])
+
+
 # ---------------------------------------------------------------------------------------------
 # video: conditioning frames decoded with [SEG], the rest tracked by SAM-2's memory
 
 
+def keyframe_indices(num_frames, count, uniform=False):
+    """The frames a video's MLLM sees and SAM-2 decodes with [SEG]: the first count (Sa2VA), or count spread evenly
+    from the first frame to the last, floor(linspace) as Sa2VA-i samples them (uniform; repeats on short videos dropped)."""
+    if not uniform:
+        return list(range(min(count, num_frames)))
+    return sorted({int(t) for t in torch.linspace(0, num_frames - 1, count, dtype=torch.float64)})
+
+
 @torch.inference_mode()
 def segment_video(model, load_frame, num_frames, expr, tokenizer, maps_for=None, force_seg=False, max_new_tokens=2048,
-                  question=None, maps=None):
-    """Masks of a video, one frame at a time (never all frames at SAM-2 size in memory).
+                  question=None, maps=None, uniform=False, propagator=None):
+    """Masks of a video for one expression, one frame at a time: yields bool masks (H, W) (see track).
 
-    load_frame(t) -> PIL image. The first cfg.video_frames frames go to the MLLM; frames
-    0..num_cond_frames-1 are decoded with the [SEG] prompt and no memory, the others are tracked
-    with SAM-2's memory attention, memory encoder and object pointers. Yields bool masks (H, W).
-    maps_for(t) -> a dict receiving frame t's gate and MBA attention; maps receives the answer text;
-    force_seg, max_new_tokens and question go to SALMA.answer().
+    load_frame(t) -> PIL image; the MLLM sees the keyframes (keyframe_indices; uniform: Sa2VA-i's). maps_for(t) -> a
+    dict receiving frame t's gate and MBA attention; maps receives the answer text; force_seg, max_new_tokens and
+    question go to SALMA.answer(); propagator: see track.
     """
-    cfg, sam = model.cfg, model.grounding.sam2_model
-    mllm_frames = [load_frame(t) for t in range(min(cfg.video_frames, num_frames))]
-    text, z_seg, hidden, valid = model.answer(mllm_frames, expr, tokenizer, is_video=True, force_seg=force_seg,
-                                              max_new_tokens=max_new_tokens, question=question)
+    keyframes = keyframe_indices(num_frames, model.cfg.video_frames, uniform)
+    answer = model.answer([load_frame(t) for t in keyframes], expr, tokenizer, is_video=True, force_seg=force_seg,
+                          max_new_tokens=max_new_tokens, question=question)
     if maps is not None:
-        maps["answer"] = text
-    del mllm_frames
-    if z_seg.shape[0] == 0:
-        for t in range(num_frames):
-            w, h = load_frame(t).size
-            yield torch.zeros(h, w, dtype=torch.bool)
-        return
-    z_seg, hidden, valid = z_seg[:1], [h[:1] if h is not None else None for h in hidden], valid[:1]
-    memory = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    keep = max(sam.num_maskmem * sam.memory_temporal_stride_for_eval, sam.max_obj_ptrs_in_encoder)
+        maps["answer"] = answer[0]
+    for masks in track(model, load_frame, num_frames, [answer], maps_for=maps_for, uniform=uniform, propagator=propagator):
+        yield masks[0]
+
+
+@torch.inference_mode()
+def track(model, load_frame, num_frames, answers, batch_size=8, maps_for=None, uniform=False, propagator=None):
+    """Masks of a video for several answers (answer() / answer_many() tuples): yields bool masks (E, H, W) per frame.
+
+    The keyframes (keyframe_indices(num_frames, cfg.num_cond_frames, uniform)) are decoded with each answer's first
+    [SEG] and no memory, the other frames tracked with SAM-2's memory attention, memory encoder and object pointers
+    (Sa2VA). With a propagator (a SAM-2 model, e.g. the original weights: Sa2VA-i) the keyframes' masks are made
+    first and given to it as mask prompts; it tracks every other frame with its own decoder and memory.
+    SAM-2's image encoder runs once per frame for every answer; batch_size answers share one batched decode and
+    memory bank (held: each bank's recent frames only, never all frames at SAM-2 size). An answer without [SEG]
+    gets empty masks. maps_for(t) -> a dict receiving frame t's gate and MBA attention (one answer, Sa2VA's tracking).
+    """
+    with_seg = [i for i, a in enumerate(answers) if a[1].shape[0]]
+    groups = [with_seg[i: i + batch_size] for i in range(0, len(with_seg), batch_size)]
+    prompts = [stack_answers([answers[i] for i in group]) for group in groups]
+    banks = [{"cond_frame_outputs": {}, "non_cond_frame_outputs": {}} for _ in groups]
+    keyframes = keyframe_indices(num_frames, model.cfg.num_cond_frames, uniform)
+    if propagator is not None and groups:
+        prompt_keyframes(model, propagator, load_frame, num_frames, keyframes, prompts, banks)
     for t in range(num_frames):
         frame = load_frame(t)
-        with model.autocast():  # per frame: the caller's code between frames runs outside it
-            enc = model.grounding.encode_image(model.sam_input([frame], video=True))
-            is_cond = t < cfg.num_cond_frames
-            if is_cond:
-                pix = enc["image_embed"]
-            else:
-                pix = sam._prepare_memory_conditioned_features(
-                    frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
-                    current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
-                    output_dict=memory, num_frames=num_frames)  # (1, C, h, w) fused with the memory bank
-            feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps_for(t) if maps_for else None,
-                                 prior_embed=enc["image_embed"])  # the pre-pass sees the frame alone, no memory
-            heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
-            memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
-            memory["non_cond_frame_outputs"].pop(t - keep, None)  # older entries are never read again
         w, h = frame.size
-        yield SAM2Grounding.postprocess(heads["low_res"], cfg.sam_image_size, (h, w))[0, 0]
+        masks, low_res = torch.zeros(len(answers), h, w, dtype=torch.bool), []
+        if groups:
+            with model.autocast():  # per frame: the caller's code between frames runs outside it
+                if propagator is not None:
+                    low_res = [propagate_frame(model, propagator, frame, t, num_frames, bank) for bank in banks]
+                else:
+                    enc = model.grounding.encode_image(model.sam_input([frame], video=True))
+                    maps = maps_for(t) if maps_for else None
+                    low_res = [track_frame(model, enc, t, t in keyframes, num_frames, prompt, bank, maps)
+                               for prompt, bank in zip(prompts, banks)]
+        for group, low in zip(groups, low_res):
+            masks[group] = SAM2Grounding.postprocess(low, model.cfg.sam_image_size, (h, w))[:, 0]
+        yield masks
+
+
+def track_frame(model, enc, t, is_cond, num_frames, prompt, bank, maps=None):
+    """Frame t of one batch of prompts (stack_answers) -> low-res mask logits (n, 1, 4h, 4w); adds the frame to bank."""
+    sam = model.grounding.sam2_model
+    z_seg, hidden, valid = prompt
+    enc = expand_encoding(enc, z_seg.shape[0])
+    if is_cond:
+        pix = enc["image_embed"]
+    else:
+        pix = sam._prepare_memory_conditioned_features(
+            frame_idx=t, is_init_cond_frame=False, current_vision_feats=enc["vision_feats"][-1:],
+            current_vision_pos_embeds=enc["vision_pos"][-1:], feat_sizes=enc["feat_sizes"][-1:],
+            output_dict=bank, num_frames=num_frames)  # (n, C, h, w) fused with the memory bank
+    feats = model.refine(pix, enc["high_res_feats"], hidden, valid, maps=maps, prior_embed=enc["image_embed"])  # pre-pass: no memory
+    heads = model.grounding.decode_heads(feats, enc["high_res_feats"], z_seg if is_cond else None)
+    bank["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = model.grounding.new_memory(enc, heads, is_cond)
+    forget_old_frames(sam, bank, t)
+    return heads["low_res"]
+
+
+def forget_old_frames(sam, bank, t):
+    """Drop the tracked frame that memory attention will never read again (SAM-2 reads the last num_maskmem frames
+    and the last max_obj_ptrs_in_encoder pointers)."""
+    keep = max(sam.num_maskmem * sam.memory_temporal_stride_for_eval, sam.max_obj_ptrs_in_encoder)
+    bank["non_cond_frame_outputs"].pop(t - keep, None)
+
+
+def prompt_keyframes(model, propagator, load_frame, num_frames, keyframes, prompts, banks):
+    """Sa2VA-i's first pass: each keyframe's masks from [SEG] (the model's decoder and MBA, no memory), thresholded
+    and given to the propagator as mask prompts at SAM-2 size (SAM-2's add_new_mask), into each bank's conditioning frames."""
+    size = model.cfg.sam_image_size
+    for t in keyframes:
+        frame = load_frame(t)
+        with model.autocast():
+            enc = model.grounding.encode_image(model.sam_input([frame], video=True))
+            masks = [model.decode_prompts(enc, *prompt, (frame.height, frame.width)) for prompt in prompts]  # (n, H, W) each
+            for bank, mask in zip(banks, masks):
+                mask_input = F.interpolate(mask[:, None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True) >= 0.5  # (n, 1, S, S), as SAM-2's add_new_mask
+                bank["cond_frame_outputs"][t] = propagator_step(model, propagator, frame, t, num_frames, bank, mask_input.float())
+
+
+def propagate_frame(model, propagator, frame, t, num_frames, bank):
+    """Frame t under the propagator: a keyframe's stored output, else SAM-2's tracking step on its memory bank."""
+    out = bank["cond_frame_outputs"].get(t)
+    if out is None:
+        out = bank["non_cond_frame_outputs"][t] = propagator_step(model, propagator, frame, t, num_frames, bank)
+        forget_old_frames(propagator, bank, t)
+    return out["pred_masks"]
+
+
+def propagator_step(model, propagator, frame, t, num_frames, bank, mask_input=None):
+    """SAM-2's own track_step on one frame for every object of bank (mask_input (n, 1, S, S): a keyframe's prompt)."""
+    n = next(iter(bank["cond_frame_outputs"].values()))["obj_ptr"].shape[0] if mask_input is None else mask_input.shape[0]
+    backbone = propagator.forward_image(model.sam_input([frame], video=True))
+    _, feats, pos, sizes = propagator._prepare_backbone_features(backbone)
+    out = propagator.track_step(
+        frame_idx=t, is_init_cond_frame=mask_input is not None, current_vision_feats=[f.expand(-1, n, -1) for f in feats],
+        current_vision_pos_embeds=[p.expand(-1, n, -1) for p in pos], feat_sizes=sizes, point_inputs=None,
+        mask_inputs=mask_input, output_dict=bank, num_frames=num_frames)
+    out["maskmem_features"] = out["maskmem_features"].to(torch.bfloat16)  # as SAM-2's video predictor stores it
+    return out
+
+
+def expand_encoding(enc, n):
+    """encode_image's output for one frame, repeated (as views) for a batch of n prompts."""
+    if n == 1:
+        return enc
+    rows = lambda x: x.expand(n, *x.shape[1:])
+    cols = lambda x: x.expand(x.shape[0], n, *x.shape[2:])  # SAM-2's (HW, B, C) sequences
+    return {"image_embed": rows(enc["image_embed"]), "high_res_feats": [rows(f) for f in enc["high_res_feats"]],
+            "vision_feats": [cols(f) for f in enc["vision_feats"]], "vision_pos": [cols(p) for p in enc["vision_pos"]],
+            "feat_sizes": enc["feat_sizes"]}

@@ -25,3 +25,9 @@ def trained(tmp_path_factory):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--max_steps={TRAINED_STEPS}", "--save_every=10",
                            f"--out_dir={out}"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
     return str(out), proc.stdout
+
+
+@pytest.fixture
+def run_dir(trained):
+    """The shared tiny trained run's --out_dir (trained)."""
+    return trained[0]

@@ -168,12 +168,6 @@ def test_revos_summary_averages_the_two_subsets():
 # end to end: a tiny trained checkpoint on synthetic, RefCOCOg and MeViS fixtures, the YTVOS zip
 
 
-@pytest.fixture
-def run_dir(trained):
-    """The shared tiny trained run's --out_dir (conftest.trained)."""
-    return trained[0]
-
-
 def run_eval(*flags):
     return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--quiet", *flags], cwd=ROOT,
                           capture_output=True, text=True)

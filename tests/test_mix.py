@@ -97,7 +97,7 @@ def test_region_prompt_layout_and_tokens_match_sa2va(monkeypatch):
 
     def fake_generate(input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False, context_index=None):
         seen.update(ids=input_ids[0], pixel_values=pixel_values, embeds=model.mllm.embed(input_ids, pixel_values, context_index)[0])
-        return torch.tensor([tok.token_to_id("<|im_end|>")]), [torch.zeros(1, input_ids.shape[1], TINY.llm_hidden)] * (TINY.llm_layers + 1)
+        return torch.tensor([[tok.token_to_id("<|im_end|>")]]), [torch.zeros(1, input_ids.shape[1], TINY.llm_hidden)] * (TINY.llm_layers + 1)
 
     monkeypatch.setattr(model.mllm, "generate", fake_generate)
     question = "<image>\n" + inputs.REGION_QUESTION

@@ -298,7 +298,7 @@ def test_greedy_generate_with_kv_cache_equals_full_recompute():
             logits = model(sequence[None], pixels)["logits"]
             sequence = torch.cat([sequence, logits[0, -1].argmax()[None]])
         full = model(sequence[None, :-1], pixels, output_hidden_states=True)["hidden_states"]
-    assert generated.tolist() == sequence[ids.shape[1]:].tolist()
+    assert generated[0].tolist() == sequence[ids.shape[1]:].tolist()
     assert (hidden[-1] - full[-1]).abs().max() < 1e-4
 
 

@@ -390,7 +390,7 @@ def test_inference_in_bf16_agrees_with_fp32():
     logits32, logits16 = model.mllm(ids)["logits"], half.mllm(ids)["logits"]
     assert logits16.dtype == torch.bfloat16 and correlation(logits16, logits32) > 0.99
     generated, hidden = half.mllm.generate(ids, None, 6, keep_hidden=True)
-    assert len(generated) == 6 and all(torch.isfinite(h).all() for h in hidden)
+    assert generated.shape == (1, 6) and all(torch.isfinite(h).all() for h in hidden)
 
 
 def test_a_training_step_under_bf16_autocast_matches_fp32():
