@@ -30,7 +30,7 @@ import metrics
 import mllm
 import salma
 import testbed
-from inputs import IMG_CONTEXT, SEG, encode_turns, make_train_batch, media_placeholder
+from inputs import BOS_EOS, IMG_CONTEXT, SEG, encode_turns, make_train_batch, media_placeholder
 
 
 def interleaved_times(fns, runs):
@@ -72,7 +72,7 @@ def real_inputs(model, tok):
     cfg = model.cfg
     media = media_placeholder(1, cfg, is_video=False)
     words = "Please segment the small carrot to the left of the large one in this image."
-    ids, _, text = encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media)
+    ids, _, text = encode_turns(tok, [(f"<image>\n{words}", "Sure, [SEG].")], cfg.system_prompt, media, BOS_EOS[cfg.llm_arch][0])
     return {"ids": ids[None], "text": text[0], "pixels": torch.randn(1, 3, cfg.image_size, cfg.image_size),
             "sam": torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)}
 
@@ -120,7 +120,7 @@ def bench_table5(args):
         ("Vision Encoder (InternViT)", params_m(vl.vision_model), flops(vit_tokens)),
         ("SAM-2 Image Encoder (Hiera)", params_m(g.sam2_model.image_encoder), flops(lambda: g.encode_image(x["sam"]))),
         ("Visual Projector (mlp1)", params_m(vl.mlp1), flops(lambda: vl.mlp1(shuffled))),
-        ("LLM (Qwen2)", params_m(vl.language_model), flops(lambda: vl(x["ids"], x["pixels"])) - flops(vit_tokens)),
+        (f"LLM ({type(vl.language_model).__name__})", params_m(vl.language_model), flops(lambda: vl(x["ids"], x["pixels"])) - flops(vit_tokens)),
         ("SAM-2 Mask Decoder (final decode)", params_m(decoder) + params_m(g.sam2_model.sam_prompt_encoder),
          flops(lambda: g.decode(enc["image_embed"], enc["high_res_feats"], z))),
         ("SALMA Pre-Pass (Gating + Decoder) + MBA", params_m(model.mba), flops(prepass_and_mba)),

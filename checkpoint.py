@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 import common
 import testbed
-from inputs import IMG_CONTEXT, QWEN_SPECIALS, SA2VA_TOKENS, PROMPT_WORDS, add_sa2va_tokens, load_tokenizer, tiny_tokenizer
-from mllm import InternVL
+from inputs import (CHAT_TEMPLATES, IMG_CONTEXT, SA2VA_TOKENS, PROMPT_WORDS, add_sa2va_tokens, llm_specials, load_tokenizer,
+                    tiny_tokenizer)
+from mllm import LLMS, InternVL
 from salma import SALMA, Config, MaskBiasedAttention, SAM2Grounding, set_trainable
 
 TINY_WORDS = sorted(set(PROMPT_WORDS) | set(testbed.WORDS))  # one token each in the tiny tokenizer
@@ -41,7 +42,8 @@ KEY_TEMPLATES = [
     ("vision_model.encoder.layers.{i}.ls2", "mllm.vision_model.blocks.{i}.ls2.gamma"),
     ("vision_model.encoder.layers.{i}.{rest}", "mllm.vision_model.blocks.{i}.{rest}"),
     ("mlp1.{rest}", "mllm.mlp1.{rest}"),
-    ("language_model.lm_head.{rest}", "mllm.language_model.lm_head.{rest}"),
+    ("language_model.lm_head.{rest}", "mllm.language_model.lm_head.{rest}"),  # Qwen2
+    ("language_model.output.{rest}", "mllm.language_model.output.{rest}"),  # InternLM2 (its other names are ours too)
     ("language_model.model.{rest}", "mllm.language_model.{rest}"),
     ("grounding_encoder.sam2_model.memory_encoder.fuser.layers.{i}.g_weight", "grounding.sam2_model.memory_encoder.fuser.layers.{i}.gamma"),
     ("grounding_encoder.sam2_model.{rest}", "grounding.sam2_model.{rest}"),
@@ -104,57 +106,88 @@ def read_safetensors(model_dir):
 
 # What an official config.json leaves out takes the official class's default: transformers' save_pretrained
 # writes only the fields that differ from it (nested configs included).
-CHAT_DEFAULTS = {"downsample_ratio": 0.5, "force_image_size": None, "max_dynamic_patch": 6}  # Sa2VAChatConfig / InternVLChatConfig
+CHAT_DEFAULTS = {"downsample_ratio": 0.5, "force_image_size": None, "max_dynamic_patch": 6,  # Sa2VAChatConfig / InternVLChatConfig
+                 "select_layer": -1, "template": None}
 VISION_DEFAULTS = {"patch_size": 14, "image_size": 224, "hidden_size": 3200, "num_attention_heads": 25,  # InternVisionConfig
                    "intermediate_size": 12800, "num_hidden_layers": 48, "qkv_bias": False, "qk_normalization": True,
-                   "norm_type": "rms_norm"}
-LLM_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,  # Qwen2Config
-                "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "tie_word_embeddings": False}
+                   "norm_type": "rms_norm", "layer_norm_eps": 1e-6}
+LLM_DEFAULTS = {  # per llm_config.architectures[0]
+    "Qwen2ForCausalLM": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,  # Qwen2Config
+                         "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                         "tie_word_embeddings": False, "rope_scaling": None, "max_position_embeddings": 32768},
+    "InternLM2ForCausalLM": {"vocab_size": 103168, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,  # InternLM2Config
+                             "num_attention_heads": 32, "num_key_value_heads": None, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                             "tie_word_embeddings": False, "rope_scaling": None, "max_position_embeddings": 2048, "bias": True},
+}
+ARCHS = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2"}  # config.json name -> cfg.llm_arch
+DEFAULT_TEMPLATES = {"qwen2": "qwen_chat", "internlm2": "internlm2_chat"}  # when config.json names none of CHAT_TEMPLATES
+
+
+def rope_fields(llm, path):
+    """(rope_theta, scaling type, factor) from llm_config: rope_scaling (InternLM2, transformers 4) or rope_parameters (5)."""
+    params = llm.get("rope_parameters") or {}
+    scaling = llm.get("rope_scaling") or params
+    kind = scaling.get("type") or scaling.get("rope_type") or ""
+    kind = "" if kind == "default" else kind
+    if kind not in ("", "dynamic", "linear"):
+        raise ValueError(f"{path}: rope scaling {kind!r} is not built here (dynamic or linear)")
+    return params.get("rope_theta", llm["rope_theta"]), kind, float(scaling.get("factor", 1.0))
 
 
 def config_from_hf(model_dir, base):
     """Config with every size read from an official config.json (vision_config / llm_config); omitted fields take
-    the official defaults; a vision tower or LLM this code does not build stops with one line."""
+    the official defaults; an LLM this code does not build stops with one line."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; expected an InternVL / Sa2VA checkpoint directory")
     raw = common.read_json_file(path)
     hf = {**CHAT_DEFAULTS, **raw}
-    vis, llm = {**VISION_DEFAULTS, **raw.get("vision_config", {})}, {**LLM_DEFAULTS, **raw.get("llm_config", {})}
-    if "rope_parameters" in raw.get("llm_config", {}):  # transformers 5 writes rope_theta there
-        llm["rope_theta"] = raw["llm_config"]["rope_parameters"].get("rope_theta", llm["rope_theta"])
-    architecture = (llm.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    if architecture != "Qwen2ForCausalLM":
-        raise ValueError(f"{path}: the LLM is {architecture}; this code builds Qwen2 LLMs (Sa2VA-1B, -4B, InternVL3-2B/8B/14B)")
-    if not vis["qkv_bias"] or vis["qk_normalization"] or vis["norm_type"] != "layer_norm":
-        raise ValueError(f"{path}: the vision tower is InternViT-6B-style (RMSNorm, QK normalisation, no qkv bias); "
-                         "this code builds InternViT-300M")
+    architecture = (raw.get("llm_config", {}).get("architectures") or ["Qwen2ForCausalLM"])[0]
+    if architecture not in ARCHS:
+        raise ValueError(f"{path}: the LLM is {architecture}; this code builds {' and '.join(ARCHS)}")
+    vis, llm = {**VISION_DEFAULTS, **raw.get("vision_config", {})}, {**LLM_DEFAULTS[architecture], **raw.get("llm_config", {})}
+    arch = ARCHS[architecture]
+    template = (hf["template"] or "").replace("-", "_")  # Sa2VAChatModel reads it so
+    rope_theta, rope_scaling, rope_factor = rope_fields(llm, path)
     return replace(
         base, image_size=hf["force_image_size"] or vis["image_size"], patch_size=vis["patch_size"],
         vit_width=vis["hidden_size"], vit_depth=vis["num_hidden_layers"], vit_heads=vis["num_attention_heads"],
-        vit_mlp_ratio=vis["intermediate_size"] / vis["hidden_size"], downsample_ratio=hf["downsample_ratio"],
-        max_tiles=hf["max_dynamic_patch"], vocab_size=llm["vocab_size"],
-        llm_hidden=llm["hidden_size"], llm_layers=llm["num_hidden_layers"], llm_heads=llm["num_attention_heads"],
-        llm_kv_heads=llm["num_key_value_heads"], llm_intermediate=llm["intermediate_size"],
-        rope_theta=llm["rope_theta"], rms_eps=llm["rms_norm_eps"],
-        tie_word_embeddings=llm["tie_word_embeddings"], **raw.get("salma", {}),
+        vit_mlp_ratio=vis["intermediate_size"] / vis["hidden_size"], vit_qkv_bias=vis["qkv_bias"],
+        vit_qk_norm=vis["qk_normalization"], vit_norm=vis["norm_type"], vit_eps=vis["layer_norm_eps"],
+        vit_select_layer=hf["select_layer"], downsample_ratio=hf["downsample_ratio"], max_tiles=hf["max_dynamic_patch"],
+        llm_arch=arch, vocab_size=llm["vocab_size"], llm_hidden=llm["hidden_size"], llm_layers=llm["num_hidden_layers"],
+        llm_heads=llm["num_attention_heads"], llm_kv_heads=llm["num_key_value_heads"] or llm["num_attention_heads"],
+        llm_intermediate=llm["intermediate_size"], llm_bias=llm.get("bias", False), rope_theta=rope_theta,
+        rope_scaling=rope_scaling, rope_factor=rope_factor, max_positions=llm["max_position_embeddings"],
+        rms_eps=llm["rms_norm_eps"], tie_word_embeddings=llm["tie_word_embeddings"],
+        template=template if template in CHAT_TEMPLATES else DEFAULT_TEMPLATES[arch], **raw.get("salma", {}),
     )
+
+
+def llm_config(cfg):
+    """The llm_config block of config.json for cfg (Qwen2Config or InternLM2Config fields)."""
+    architecture = {v: k for k, v in ARCHS.items()}[cfg.llm_arch]
+    out = {"architectures": [architecture], "vocab_size": cfg.vocab_size, "hidden_size": cfg.llm_hidden,
+           "num_hidden_layers": cfg.llm_layers, "num_attention_heads": cfg.llm_heads, "num_key_value_heads": cfg.llm_kv_heads,
+           "intermediate_size": cfg.llm_intermediate, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps,
+           "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_positions,
+           "rope_scaling": {"type": cfg.rope_scaling, "factor": cfg.rope_factor} if cfg.rope_scaling else None}
+    if cfg.llm_arch == "internlm2":
+        out["bias"] = cfg.llm_bias
+    return out
 
 
 def hf_config(cfg, architecture):
     """The official config.json layout for cfg (our extra fields under "salma")."""
     return {
         "architectures": [architecture], "downsample_ratio": cfg.downsample_ratio, "force_image_size": cfg.image_size,
-        "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "use_thumbnail": True,
+        "max_dynamic_patch": cfg.max_tiles, "ps_version": "v2", "select_layer": cfg.vit_select_layer, "template": cfg.template,
+        "use_thumbnail": True,
         "vision_config": {"hidden_size": cfg.vit_width, "num_hidden_layers": cfg.vit_depth, "num_attention_heads": cfg.vit_heads,
                           "intermediate_size": int(cfg.vit_width * cfg.vit_mlp_ratio), "image_size": cfg.image_size,
-                          "patch_size": cfg.patch_size, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-                          "layer_norm_eps": 1e-6},
-        "llm_config": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.llm_hidden,
-                       "num_hidden_layers": cfg.llm_layers, "num_attention_heads": cfg.llm_heads,
-                       "num_key_value_heads": cfg.llm_kv_heads, "intermediate_size": cfg.llm_intermediate,
-                       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_word_embeddings},
+                          "patch_size": cfg.patch_size, "qkv_bias": cfg.vit_qkv_bias, "qk_normalization": cfg.vit_qk_norm,
+                          "norm_type": cfg.vit_norm, "layer_norm_eps": cfg.vit_eps},
+        "llm_config": llm_config(cfg),
         "salma": {k: getattr(cfg, k) for k in SALMA_FIELDS},
     }
 
@@ -166,9 +199,10 @@ SALMA_FIELDS = ("sam2_config", "sam2_tiny", "sam_image_size", "sam_multimask", "
 def official_state_dict(model):
     """Our state dict under official names (LoRA merged into a copy first)."""
     prefix = "mllm." if isinstance(model, InternVL) else ""  # a bare InternVL is SALMA's .mllm
+    head_key = llm_keys(model.cfg)[1]
     sd = {}
     for key, value in model.state_dict().items():
-        if prefix + key == HEAD_KEY and model.cfg.tie_word_embeddings:
+        if prefix + key == head_key and model.cfg.tie_word_embeddings:
             continue  # tied: the embedding is saved once, as the official checkpoints do
         name = rename_key(prefix + key, to_ours=False)
         if name is None:
@@ -211,10 +245,10 @@ def load_propagator(path, model):
 
 def prepare_tokenizer(cfg, model_dir=""):
     """(tokenizer, cfg with vocab_size covering it, {token: id} of the special tokens)."""
-    tok = load_tokenizer(model_dir) if model_dir else tiny_tokenizer(TINY_WORDS)
+    tok = load_tokenizer(model_dir) if model_dir else tiny_tokenizer(TINY_WORDS, llm_specials(cfg.llm_arch))
     size = add_sa2va_tokens(tok)
     cfg = replace(cfg, vocab_size=max(cfg.vocab_size, size))
-    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS + SA2VA_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in llm_specials(cfg.llm_arch) + SA2VA_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
         raise ValueError(f"{model_dir or 'tokenizer'}: tokens {missing} are missing; is this an InternVL / Sa2VA tokenizer?")
@@ -231,7 +265,10 @@ def load_internvl(model_dir, dtype=None, device="cpu"):
     return model.to(device, dtype or common.resolve_dtype("auto", device, cfg)).eval(), tok
 
 
-EMBED_KEY, HEAD_KEY = "mllm.language_model.embed_tokens.weight", "mllm.language_model.lm_head.weight"
+def llm_keys(cfg):
+    """Our names of the LLM's embedding and head weights (InternLM2 keeps its own: tok_embeddings, output)."""
+    llm = LLMS[cfg.llm_arch]
+    return f"mllm.language_model.{llm.EMBED}.weight", f"mllm.language_model.{llm.HEAD}.weight"
 
 
 def finish_load(model, ours, source, allowed_missing=(), prefix=""):
@@ -243,10 +280,11 @@ def finish_load(model, ours, source, allowed_missing=(), prefix=""):
     """
     llm = (model if isinstance(model, InternVL) else model.mllm).language_model
     expected = {prefix + k: v for k, v in model.state_dict().items()}
+    embed_key, head_key = llm_keys(llm.cfg)
     if llm.cfg.tie_word_embeddings:
-        del expected[HEAD_KEY]
+        del expected[head_key]
     check_keys(expected, ours, source, allowed_missing, official=True)
-    for key in (EMBED_KEY, HEAD_KEY):
+    for key in (embed_key, head_key):
         rows = expected[key].shape[0] if key in expected else 0
         if key in ours and ours[key].shape[0] < rows:
             weight = ours[key]

@@ -24,7 +24,21 @@ import common
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SEG = "[SEG]"
 SA2VA_TOKENS = [SEG, "<p>", "</p>", "<vp>", "</vp>"]
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
+# What each LLM's tokenizer puts before a prompt (Sa2VA's predict_forward calls tokenizer.encode, which adds
+# InternLM2's <s> and nothing for Qwen2) and its end-of-text token (generation's eos_token_id; padding).
+BOS_EOS = {"qwen2": ("", "<|endoftext|>"), "internlm2": ("<s>", "</s>")}
+# Sa2VA's templates.py (stop words): both are the <|im_start|> turn format, without a system turn at inference.
+CHAT_TEMPLATES = {"qwen_chat": ("<|im_end|>", "<|endoftext|>"), "internlm2_chat": ("<|im_end|>",)}
+
+
+def llm_specials(llm_arch):
+    """The special tokens a tokenizer for this LLM must have: its end of text (and start), then the chat and image ones."""
+    bos, eos = BOS_EOS[llm_arch]
+    return [eos] + ([bos] if bos else []) + CHAT_SPECIALS
+
+
+QWEN_SPECIALS = llm_specials("qwen2")
 QWEN_PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -50,15 +64,15 @@ PROMPT_WORDS = ("please segment the in this image video can you what is respond 
                 "it sure result give me a short description region picture marked by").split()
 
 
-def tiny_tokenizer(words):
+def tiny_tokenizer(words, specials=QWEN_SPECIALS):
     """Byte-level BPE whose merges spell each of words (any case, with or without a leading space) as
-    one token; other text stays bytes; + the Qwen/InternVL/Sa2VA specials. The word order does not matter."""
+    one token; other text stays bytes; + specials (the LLM's and InternVL's) and Sa2VA's. The word order does not matter."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = qwen_byte_level(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     words = [v for w in words for v in (w, " " + w, w.capitalize(), " " + w.capitalize())]
     trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(words, trainer)  # every word occurs once: merging runs until each is one token
-    tok.add_special_tokens(QWEN_SPECIALS + SA2VA_TOKENS)
+    tok.add_special_tokens(specials + SA2VA_TOKENS)
     return tok
 
 
@@ -77,6 +91,10 @@ def load_tokenizer(model_dir):
             if tok.get_vocab_size(with_added_tokens=True) != idx:
                 raise ValueError(f"{model_dir}: added token {token!r} has id {idx}, expected the next free id")
             tok.add_special_tokens([token])
+    elif os.path.isfile(os.path.join(model_dir, "tokenizer.model")):  # InternLM2's sentencepiece model only
+        raise FileNotFoundError(
+            f"{model_dir}: only tokenizer.model (sentencepiece); write its tokenizer.json once with: python -c \"from transformers "
+            f"import AutoTokenizer; AutoTokenizer.from_pretrained('{model_dir}', trust_remote_code=True).save_pretrained('{model_dir}')\"")
     else:
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json or vocab.json + merges.txt")
     return tok
@@ -113,11 +131,12 @@ def video_placeholder(num_frames, num_image_tokens):
     return "\n".join(image_placeholder(1, num_image_tokens) for _ in range(num_frames))
 
 
-def encode_turns(tok, turns, system_prompt, media):
+def encode_turns(tok, turns, system_prompt, media, bos=""):
     """Token ids (L,), labels (L,) (-100 but answers), and per turn the user-text positions (L,) bool.
 
     turns: [(user, answer | None)]; "<image>" in a user text is replaced by media (the placeholder).
     The text mask marks the words of the user turn, excluding template, image and special tokens.
+    bos: the token the LLM's tokenizer starts a text with (BOS_EOS; "<s>" for InternLM2, none for Qwen2).
     """
     ids, labels, text_masks = [], [], []
 
@@ -130,6 +149,7 @@ def encode_turns(tok, turns, system_prompt, media):
         if is_text and piece:
             text_masks[-1][-len(piece):] = [True] * len(piece)
 
+    add(bos)
     if system_prompt:
         add(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
     for user, answer in turns:
@@ -314,7 +334,8 @@ def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
     grounded caption). A conversation longer than max_tokens is cut at a turn boundary (counted).
     Samples with prompt_masks (n, H, W) get Sa2VA's region prompt after their image.
     """
-    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    bos, eos = BOS_EOS[cfg.llm_arch]
+    pad_id = tokenizer.token_to_id(eos)
     seg_id = tokenizer.token_to_id(SEG)
     low_res = cfg.sam_image_size // 4
     ids, labels, pixels, sam_frames, context_index = [], [], [], [], []
@@ -332,7 +353,7 @@ def make_train_batch(samples, tokenizer, cfg, seeds, max_tokens=8192):
             first_tile = sum(len(p) for p in pixels)
             context_index.append(region_context_index(tiles.shape[0], cfg.num_image_tokens, grid, first_tile))
             pixels.append(tiles)
-        encoded = encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media)
+        encoded = encode_turns(tokenizer, sample_turns(sample, rng), cfg.system_prompt, media, bos)
         row_ids, row_labels, text_masks = cut_to_fit(encoded, tokenizer, cfg.system_prompt, max_tokens, sample["id"])
         first_frame = len(sam_frames)
         sam_frames.extend(frames)

@@ -1,7 +1,7 @@
 """
 salma: the models, and nothing else (the InternVL MLLM itself is in mllm.py).
 
-  InternViT (timm) -> pixel shuffle -> mlp1 -> Qwen2 (KV cache)          the InternVL2.5 MLLM      mllm.InternVL
+  InternViT (timm) -> pixel shuffle -> mlp1 -> Qwen2/InternLM2 (KV cache) the InternVL MLLM          mllm.InternVL
   SAM-2 (the sam2 package): image encoder, mask decoder, memory         the grounding part        SAM2Grounding
   pre-pass gate G, Top-K router, Mask-Biased Attention                  SALMA's additions         prior_gate, TopKRouter,
                                                                                                   MaskBiasedAttention
@@ -10,7 +10,7 @@ salma: the models, and nothing else (the InternVL MLLM itself is in mllm.py).
 The paper in code (losses in losses.py, the loop in train.py):
 
   Alg. 1, shared visual encoder    InternVL.extract_feature (448 tiles), SAM2Grounding.encode_image (F_v)
-  Alg. 1, LLM hidden states h^l    InternVL.forward -> Qwen2.forward (every layer; the last after the final norm)
+  Alg. 1, LLM hidden states h^l    InternVL.forward -> DecoderLM.forward (every layer; the last after the final norm)
   Alg. 1, pre-pass, Eq. 2 left     prior_gate: the same decoder, prompt (0,0)/label -1, no grad; G = sigmoid(M / tau)
   Eq. 1, Top-K routing             TopKRouter: s_i = MLP(t_i), keep the K best prompt words (scaled by sigmoid(s_i))
   Eq. 2, gated residual            MaskBiasedAttention.forward: F_v + gamma * (CrossAttn(Q=F_v, KV=TopK) * G)
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import FLAG_CHOICES, autocast_for
-from inputs import (FORCED_ANSWER, IMG_CONTEXT, REGION_QUESTION, SEG, encode_turns, eval_prompt, media_placeholder,
+from inputs import (BOS_EOS, FORCED_ANSWER, IMG_CONTEXT, REGION_QUESTION, SEG, encode_turns, eval_prompt, media_placeholder,
                     mllm_pixels, region_context_index, region_grid_masks, region_prompt, sam_pixels)
 from mllm import InternVL, apply_lora
 
@@ -40,7 +40,7 @@ from mllm import InternVL, apply_lora
 
 @dataclass
 class Config:
-    # InternViT (timm VisionTransformer with InternViT-300M's math)
+    # InternViT (timm VisionTransformer: InternViT-300M's math; InternViT-6B's with the vit_norm/vit_qk_norm fields)
     image_size: int = 448  # InternViT tile side in pixels
     patch_size: int = 14  # InternViT patch side
     vit_width: int = 1024  # InternViT hidden size
@@ -48,20 +48,31 @@ class Config:
     vit_heads: int = 16  # InternViT attention heads
     vit_mlp_ratio: float = 4.0  # InternViT MLP width / hidden size
     vit_ls_init: float = 0.1  # InternViT LayerScale init
+    vit_qkv_bias: bool = True  # InternViT qkv bias (300M: yes; 6B: no)
+    vit_qk_norm: bool = False  # InternViT-6B's QK normalisation: RMSNorm over the full q and k (all heads together)
+    vit_norm: str = "layer_norm"  # InternViT norm_type: layer_norm (300M) or rms_norm (6B)
+    vit_eps: float = 1e-6  # InternViT layer_norm_eps (6B blocks; timm's 300M blocks use the same 1e-6)
+    vit_select_layer: int = -1  # config.json select_layer: the InternViT layer whose output feeds mlp1 (-1: the last)
     downsample_ratio: float = 0.5  # pixel shuffle: 32x32x1024 -> 16x16x4096 per tile
     max_tiles: int = 12  # dynamic tiling for images (+ a thumbnail)
     video_frames: int = 5  # frames of a video given to the MLLM
-    # Qwen2 LLM
+    # LLM (Qwen2 or InternLM2)
+    llm_arch: str = "qwen2"  # qwen2 or internlm2 (config.json llm_config.architectures: Qwen2ForCausalLM, InternLM2ForCausalLM)
     vocab_size: int = 151674  # LLM vocabulary (grown to the tokenizer's size when smaller)
-    llm_hidden: int = 896  # Qwen2 hidden size
-    llm_layers: int = 24  # Qwen2 layers
-    llm_heads: int = 14  # Qwen2 query heads
-    llm_kv_heads: int = 2  # Qwen2 key/value heads (grouped-query attention)
-    llm_intermediate: int = 4864  # Qwen2 SwiGLU width
+    llm_hidden: int = 896  # LLM hidden size
+    llm_layers: int = 24  # LLM layers
+    llm_heads: int = 14  # LLM query heads
+    llm_kv_heads: int = 2  # LLM key/value heads (grouped-query attention)
+    llm_intermediate: int = 4864  # LLM SwiGLU width
+    llm_bias: bool = False  # InternLM2 config.bias: bias on wqkv and wo (Qwen2's q/k/v always have one)
     rope_theta: float = 1e6  # RoPE base
+    rope_scaling: str = ""  # llm_config.rope_scaling type: "" (none), "dynamic" (NTK, InternLM2.5) or "linear"
+    rope_factor: float = 1.0  # llm_config.rope_scaling factor
+    max_positions: int = 32768  # llm_config.max_position_embeddings: dynamic NTK scaling starts past it
     rms_eps: float = 1e-6  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # InternVL forces a separate lm_head
     system_prompt: str = ""  # "" = Sa2VA's template (no system turn)
+    template: str = "qwen_chat"  # config.json "template", a name in Sa2VA's templates.py: qwen_chat or internlm2_chat (CHAT_TEMPLATES)
     # SAM-2 grounding
     sam2_config: str = "configs/sam2/sam2_hiera_l.yaml"  # SAM 2.0 Hiera-L, as Sa2VA-1B
     sam2_tiny: bool = False  # shrink the packaged config (see SAM2_TINY_OVERRIDES)
@@ -94,9 +105,25 @@ class Config:
         return int((self.image_size // self.patch_size * self.downsample_ratio) ** 2)
 
 
+# Sizes of the official checkpoints (each loaded checkpoint's config.json decides; these build one from scratch).
+# Sources: the published config.json of each LLM (Qwen/Qwen2.5-{0.5,1.5,3,7,14}B-Instruct, internlm/internlm2_5-{7,20}b-chat)
+# and vision tower (OpenGVLab/InternViT-300M-448px-V2_5, InternViT-6B-448px-V2_5), as the InternVL2.5 / InternVL3
+# checkpoints Sa2VA starts from carry them (tie_word_embeddings false there); vocabularies: InternVL's + Sa2VA's 5 tokens.
+QWEN = dict(llm_arch="qwen2", template="qwen_chat", vocab_size=151679)
+INTERNLM2_5 = dict(llm_arch="internlm2", template="internlm2_chat", vocab_size=92558, rms_eps=1e-5, rope_theta=1e6,
+                   rope_scaling="dynamic", rope_factor=2.0, max_positions=32768)
+INTERNVIT_6B = dict(vit_width=3200, vit_depth=45, vit_heads=25, vit_qkv_bias=False, vit_qk_norm=True, vit_norm="rms_norm")
 PRESETS = {
     "internvl2_5-1b": dict(system_prompt=None),
-    "sa2va-1b": dict(vocab_size=151679),
+    "sa2va-1b": dict(QWEN),  # Qwen2.5-0.5B: the field defaults
+    "sa2va-4b": dict(QWEN, llm_hidden=2048, llm_layers=36, llm_heads=16, llm_kv_heads=2, llm_intermediate=11008),  # Qwen2.5-3B
+    "sa2va-8b": dict(INTERNLM2_5, llm_hidden=4096, llm_layers=32, llm_heads=32, llm_kv_heads=8, llm_intermediate=14336),
+    "sa2va-26b": dict(INTERNLM2_5, **INTERNVIT_6B, llm_hidden=6144, llm_layers=48, llm_heads=48, llm_kv_heads=8,
+                      llm_intermediate=16384),  # InternLM2.5-20B
+    "sa2va-internvl3-2b": dict(QWEN, llm_hidden=1536, llm_layers=28, llm_heads=12, llm_kv_heads=2, llm_intermediate=8960),
+    "sa2va-internvl3-8b": dict(QWEN, llm_hidden=3584, llm_layers=28, llm_heads=28, llm_kv_heads=4, llm_intermediate=18944),
+    "sa2va-internvl3-14b": dict(QWEN, llm_hidden=5120, llm_layers=48, llm_heads=40, llm_kv_heads=8, llm_intermediate=13824,
+                                rms_eps=1e-5),
     "tiny": dict(
         image_size=112, vit_width=64, vit_depth=2, vit_heads=2, max_tiles=2,
         vocab_size=0, llm_hidden=128, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=256,
@@ -417,12 +444,12 @@ class SALMA(nn.Module):
                 media += region_prompt(grid)
                 context_index = region_context_index(pixel_values.shape[0], cfg.num_image_tokens, grid)
             turn = (question, FORCED_ANSWER if force_seg else None)
-            ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media)
+            ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media, BOS_EOS[cfg.llm_arch][0])
             if force_seg:
                 out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True, context_index=context_index)
                 sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
             else:
-                stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+                stop = self.stop_ids
                 generated, hidden = self.mllm.generate(ids[None].to(self.device), pixel_values, max_new_tokens, stop, keep_hidden=True,
                                                        context_index=context_index)
                 sequence = torch.cat([ids, generated[0].cpu()])[: hidden[-1].shape[1]]  # hidden covers all but the last token
@@ -434,6 +461,11 @@ class SALMA(nn.Module):
             valid[:, : text_mask.shape[1]] = text_mask[0].to(self.device)
             hidden = [h.expand(n, -1, -1) if h is not None else None for h in self.hidden_for_mba(hidden)]
             return text, z_seg, hidden, valid
+
+    @property
+    def stop_ids(self):
+        """Token ids that end an answer: the template's <|im_end|> and the LLM's end of text."""
+        return {self.token_ids["<|im_end|>"], self.token_ids[BOS_EOS[self.cfg.llm_arch][1]]}
 
     def describe_region(self, image, masks, tokenizer, question=REGION_QUESTION, max_new_tokens=64):
         """Text about the regions masks (n, H, W) of a PIL image ("region1", ... in the question)."""
@@ -475,7 +507,7 @@ class SALMA(nn.Module):
             pixel_values = mllm_pixels(frames, cfg, is_video).to(self.device)
             media = media_placeholder(pixel_values.shape[0], cfg, is_video)
             turns = [(eval_prompt(expr, is_video), FORCED_ANSWER if force_seg else None) for expr in exprs]
-            prompts = [encode_turns(tokenizer, [turn], cfg.system_prompt, media) for turn in turns]
+            prompts = [encode_turns(tokenizer, [turn], cfg.system_prompt, media, BOS_EOS[cfg.llm_arch][0]) for turn in turns]
             ids, text_masks = [p[0].to(self.device) for p in prompts], [p[2][0].to(self.device) for p in prompts]
             n_prefix = common_prefix_length(ids)
             cache = [{} for _ in llm.layers]  # the prefix's keys and values, shared by every expression
@@ -494,11 +526,12 @@ class SALMA(nn.Module):
         llm, n_prefix, b = self.mllm.language_model, prefix[0].shape[1], len(ids)
         suffixes = [x[n_prefix:] for x in ids]
         pads = [max(len(x) for x in suffixes) - len(x) for x in suffixes]
-        batch = torch.stack([F.pad(x, (pad, 0), value=self.token_ids["<|endoftext|>"]) for x, pad in zip(suffixes, pads)])
+        eos = self.token_ids[BOS_EOS[self.cfg.llm_arch][1]]
+        batch = torch.stack([F.pad(x, (pad, 0), value=eos) for x, pad in zip(suffixes, pads)])
         real = torch.stack([torch.arange(batch.shape[1], device=self.device) >= pad for pad in pads])  # (B, W)
         mask = torch.cat([real.new_ones(b, n_prefix), real], dim=1)  # (B, P + W)
         batch_cache = [{"k": c["k"].expand(b, -1, -1, -1), "v": c["v"].expand(b, -1, -1, -1)} for c in cache]
-        stop = {self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]}
+        stop = self.stop_ids
         if force_seg:
             hidden = llm(llm.embed_tokens(batch), mask, batch_cache, output_hidden_states=True, last_only=True)["hidden_states"]
             generated = [torch.zeros(0, dtype=torch.long)] * b

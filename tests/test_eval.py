@@ -464,6 +464,6 @@ def test_an_official_directory_loads_without_a_preset_even_when_its_config_omits
         runs[name] = json.load(open(tmp_path / f"eval_{name}" / "metrics.json"))
         runs[name].pop("ckpt")
     assert runs["full"] == runs["sparse"]
-    sparse["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    sparse["llm_config"]["architectures"] = ["LlamaForCausalLM"]  # an LLM no Sa2VA checkpoint uses
     json.dump(sparse, open(tmp_path / "sparse" / "config.json", "w"))
-    fixtures.assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'sparse'}"), "config.json", "InternLM2ForCausalLM")
+    fixtures.assert_one_line_error(run_eval(f"--ckpt={tmp_path / 'sparse'}"), "config.json", "LlamaForCausalLM")
