@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import bench
 import data
 import losses
 import salma
@@ -365,3 +366,17 @@ def test_train_py_keeps_the_pretrained_encoder_frozen(tmp_path):
     assert encoder and all(torch.equal(saved[3][k], saved[6][k]) for k in encoder)
     assert any(not torch.equal(saved[3][k], initial[k]) for k in encoder)
     assert any(not torch.equal(saved[3][k], saved[6][k]) for k in decoder)
+
+def test_memory_estimate_counts_the_built_model_and_shards_over_the_gpus():
+    """bench.py memory: its meta-device parameter counts are those of a built tiny model under the sa2va recipe; FSDP2 holds
+    1/8 of DDP's weights, gradients and optimizer state on 8 GPUs; checkpointing keeps fewer activations (sanity only)."""
+    model = bench.sa2va_model_on_meta("tiny")
+    counts = bench.param_counts(model)
+    built = salma.set_trainable(checkpoint.build_model(salma.Config.from_preset("tiny"))[0], "sa2va")
+    assert counts["total"] == sum(p.numel() for p in built.parameters())
+    assert counts["trainable"] == sum(p.numel() for p in built.parameters() if p.requires_grad) < counts["total"]
+    activations = bench.activation_bytes(model, 1, 64)
+    assert 0 < activations[1] < activations[0]
+    ddp, fsdp = (bench.memory_per_gpu(counts, activations, 8, sharded) for sharded in (False, True))
+    assert all(fsdp[k] == ddp[k] / 8 for k in ("weights", "gradients", "optimizer"))
+    assert fsdp["total"] < ddp["total"] and ddp["total"] - ddp["total_checkpointed"] == activations[0] - activations[1]
