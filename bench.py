@@ -7,6 +7,7 @@ Benchmarks: figures printed (and written to bench_out/<what>.json), never assert
   python bench.py train                  # training samples/s and peak memory (tiny; --real adds one 1B step)
   python bench.py video_memory           # host memory over a 200-frame generated video (must stay flat)
   python bench.py precision              # segment_image in fp32 vs bf16 (set_precision): time and mask IoU
+  python bench.py memory                 # every preset: parameters and estimated training memory per GPU (DDP / FSDP2)
 
 CPU fp32 by default; --preset tiny makes every benchmark quick.
 """
@@ -21,6 +22,8 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
@@ -30,6 +33,7 @@ import metrics
 import mllm
 import salma
 import testbed
+import train
 from inputs import BOS_EOS, IMG_CONTEXT, SEG, encode_turns, make_train_batch, media_placeholder
 
 
@@ -282,6 +286,112 @@ def bench_precision(args):
             "native_bf16": common.cpu_has_native_bf16()}
 
 
+GIB = 2**30
+
+
+def sa2va_model_on_meta(preset):
+    """The preset's SALMA with the sa2va recipe's trainable set, its weights on the meta device (SAM-2's on the CPU: Hiera's
+    constructor calls .item())."""
+    _, cfg, ids = checkpoint.prepare_tokenizer(salma.Config.from_preset(preset))
+    train_cfg = train.TrainConfig(recipe="sa2va")
+    with torch.device("meta"):
+        model = salma.SALMA(cfg, ids)
+        salma.set_trainable(model, "sa2va", train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout)
+    return model
+
+
+def param_counts(model):
+    """Parameters: all, trained, and per FSDP2 unit (each transformer block; the root holds the rest)."""
+    count = lambda params, trained=False: sum(p.numel() for p in params if p.requires_grad or not trained)
+    blocks = train.transformer_blocks(model)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    return {"total": count(model.parameters()), "trainable": count(model.parameters(), True),
+            "trainable_full_recipe": count(model.parameters()), "root": count(root), "root_trainable": count(root, True),
+            "block_max": max(count(b.parameters()) for b in blocks),
+            "block_trainable_max": max(count(b.parameters(), True) for b in blocks)}
+
+
+def saved_bytes(llm, batch_size, length, fake_mode):
+    """Bytes autograd keeps for backward over one training forward of the LLM (weights fake) and its next-token loss, on fake
+    tensors (shapes only, nothing allocated) under bf16 autocast; inside checkpointed blocks nothing is counted (recomputed)."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with fake_mode:
+        ids = torch.randint(0, llm.embed_tokens.num_embeddings, (batch_size, length))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            logits = llm(llm.embed_tokens(ids))["logits"]
+            F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())  # losses.lm_loss's ops
+    return sum(storages.values())
+
+
+def activation_bytes(model, batch_size, length):
+    """Activation memory of the sa2va recipe's training step, without and with activation checkpointing.
+
+    Counted: what autograd keeps from the LLM's forward and loss (bf16 autocast, weights fp32: bf16 copies of frozen
+    weights, fp32 residual stream and logits) for batch_size samples of `length` tokens (image tokens included). With
+    checkpointing each layer keeps its fp32 input (4 bytes x batch x length x hidden) and one layer's activations exist
+    again while it is recomputed in backward. Not counted: InternViT, mlp1 and SAM-2's image encoder (frozen, no
+    trained weight before them: they keep nothing), SAM-2's mask decoder and the MBA blocks (small), temporaries.
+    """
+    llm, fake_mode = model.mllm.language_model, FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        llm.to_empty(device="cpu")
+    plain = saved_bytes(llm, batch_size, length, fake_mode)
+    train.checkpoint_activations(model)
+    outside = saved_bytes(llm, batch_size, length, fake_mode)  # embeddings, final norm, lm_head and loss
+    per_layer = (plain - outside) / len(llm.layers)
+    inputs_kept = 4 * batch_size * length * model.cfg.llm_hidden * len(llm.layers)
+    return plain, outside + inputs_kept + per_layer
+
+
+def memory_per_gpu(counts, activations, gpus, fsdp):
+    """Estimated training memory per GPU in bytes, by term, for the sa2va recipe (AdamW, fp32 weights, bf16 autocast).
+
+    weights: 4 bytes per parameter (train.py keeps fp32 weights; no separate master copy); gradients: 4 per trained
+    parameter; optimizer: AdamW's two fp32 moments, 8 per trained parameter. DDP holds all three whole, plus its gradient
+    buckets (4 per trained parameter). FSDP2 shards the three over the GPUs and gathers, while they compute, the root unit's
+    weights and gradients (embeddings, lm_head, SAM-2, ...: the root stays gathered through forward and backward) and two
+    blocks' (the one computing and the one prefetched). activations: activation_bytes', the same under both.
+    """
+    shard = gpus if fsdp else 1
+    terms = {"weights": 4 * counts["total"] / shard, "gradients": 4 * counts["trainable"] / shard,
+             "optimizer": 8 * counts["trainable"] / shard}
+    if fsdp:
+        terms["gathered"] = 4 * (counts["root"] + counts["root_trainable"] + 2 * (counts["block_max"] + counts["block_trainable_max"]))
+    else:
+        terms["buckets"] = 4 * counts["trainable"]
+    states = sum(terms.values())
+    return {**terms, "total": states + activations[0], "total_checkpointed": states + activations[1]}
+
+
+def bench_memory(args):
+    """Every preset: parameters (exact, built on the meta device) and estimated training memory per GPU on 8 GPUs."""
+    cfg, gpus = train.TrainConfig(), 8
+    print(f"sa2va recipe, per GPU of {gpus}, GiB: batch {cfg.batch_size} x {cfg.max_length} tokens, AdamW, fp32 weights, "
+          "bf16 autocast; activations and total without / with --activation_checkpointing")
+    print(f"{'preset':15s} {'params':>7s} {'trained':>7s} {'':5s} {'weights':>7s} {'grads':>6s} {'AdamW':>6s} {'gather':>6s} "
+          f"{'buckets':>7s} {'activations':>13s} {'total':>13s}")
+    results = {}
+    for preset in salma.PRESETS:
+        model = sa2va_model_on_meta(preset)
+        counts = param_counts(model)
+        act = activation_bytes(model, cfg.batch_size, cfg.max_length)
+        ddp, fsdp = (memory_per_gpu(counts, act, gpus, f) for f in (False, True))
+        results[preset] = {"params": counts, "activations_bytes": act, "ddp_bytes": ddp, "fsdp2_bytes": fsdp}
+        for name, m in (("DDP", ddp), ("FSDP2", fsdp)):
+            sizes = " ".join(f"{m[k] / GIB:{w}.1f}" if k in m else f"{'-':>{w}s}" for k, w in (("weights", 7), ("gradients", 6), ("optimizer", 6),
+                                                                       ("gathered", 6), ("buckets", 7)))
+            pair = lambda a, b: f"{a / GIB:6.1f}/{b / GIB:6.1f}"
+            head = f"{preset:15s} {counts['total'] / 1e9:6.3f}B {counts['trainable'] / 1e9:6.3f}B" if name == "DDP" else " " * 31
+            print(f"{head} {name:5s} {sizes} {pair(*act)} {pair(m['total'], m['total_checkpointed'])}")
+    return {"gpus": gpus, "batch_size": cfg.batch_size, "max_length": cfg.max_length, "presets": results}
+
+
 def current_rss_gb():
     """Current resident memory of this process (GiB), from /proc."""
     with open("/proc/self/statm") as f:
@@ -289,7 +399,7 @@ def current_rss_gb():
 
 
 BENCHES = {"table5": bench_table5, "overhead": bench_overhead, "internvl": bench_internvl,
-           "train": bench_train, "video_memory": bench_video_memory, "precision": bench_precision}
+           "train": bench_train, "video_memory": bench_video_memory, "precision": bench_precision, "memory": bench_memory}
 
 
 def main():
@@ -305,7 +415,7 @@ def main():
         torch.set_num_threads(args.threads)
     results = BENCHES[args.what](args)
     os.makedirs("bench_out", exist_ok=True)
-    name = args.what if args.what in ("train", "video_memory") else f"{args.what}_{args.preset}"
+    name = args.what if args.what in ("train", "video_memory", "memory") else f"{args.what}_{args.preset}"
     path = os.path.join("bench_out", f"{name}.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "results": results, "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=2)

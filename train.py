@@ -7,16 +7,23 @@ Train SALMA (or the Sa2VA baseline with --mba=False). One file, no framework.
       --data=refcoco:4,refcoco+:4,refcocog:4,mevis:4,revos:10,ytvos:4 --data_root=data/
   python train.py --export=out/tiny/export         # write the trained model in the official layout
 
+  torchrun --standalone --nproc_per_node=8 train.py --fsdp=True --activation_checkpointing=True ...   # 8B-26B presets
+
 Every model knob is a flag too (`python train.py --help`). Checkpoints (`ckpt.pt` + `ckpt.json`) hold
 every model weight (frozen ones too, so OUT_DIR alone rebuilds exactly the trained model), the
-optimizer, scheduler, step, RNG states and data position; OUT_DIR/tokenizer.json is its tokenizer.
+optimizer, scheduler, step, every rank's RNG states and data position; OUT_DIR/tokenizer.json is its
+tokenizer. With --fsdp=True, ckpt.pt holds the gathered weights without the optimizer (what eval.py and
+demo.py read), and OUT_DIR/sharded/step_N holds the training state a resume reads: each rank's shards
+of weights and optimizer (torch.distributed.checkpoint) + train_state.pt (schedule, data position, RNG).
 """
 
 import argparse
+import functools
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +32,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.utils.checkpoint import checkpoint as recompute
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -64,8 +74,9 @@ class TrainConfig:
     seed: int = 0  # model init, data order and sampling
     log_every: int = 10  # progress-bar update interval in steps (log.jsonl gets every step)
     save_every: int = 100  # checkpoint interval in steps (and at the last step)
-    resume: bool = False  # continue from out_dir/ckpt.pt (weights, optimizer, data position, RNG)
-    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
+    resume: bool = False  # continue from out_dir's checkpoint (weights, optimizer, data position, RNG); --fsdp=True: from out_dir/sharded
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP
+    activation_checkpointing: bool = False  # keep only each LLM layer's and ViT block's input, recompute the rest in backward (same numbers, less memory, one more forward of each block)
     dtype: str = "auto"  # autocast precision, weights stay fp32: auto = bf16 on CUDA, and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX) for the 1B presets; float32 otherwise (tiny matmuls and CPUs without bf16 units are slower in bf16)
     export: str = ""  # write the model of out_dir/ckpt.pt in the official layout here and exit
 
@@ -110,12 +121,12 @@ def check_flags(cfg, preset, overrides):
                          "need frac >= 0 (0 = no pretraining) and lr > 0")
     data.parse_mix(cfg.data)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume and cfg.fsdp:
-        raise ValueError("--resume with --fsdp=True is not supported yet (the checkpoint holds the whole model and optimizer "
-                         "state, but loading them into sharded parameters is not written); resume with DDP")
-    if (cfg.resume or cfg.export) and not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"{ckpt}: no checkpoint to {'resume from' if cfg.resume else 'export'}; "
-                                f"{'drop --resume or ' if cfg.resume else ''}set --out_dir to a train.py run")
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ValueError("--fsdp=True shards the model across torchrun's ranks: start it with torchrun, or drop --fsdp")
+    if cfg.resume:
+        check_resume(cfg.out_dir, cfg.fsdp)
+    elif cfg.export and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to export; set --out_dir to a train.py run")
     if cfg.init and not os.path.isdir(cfg.init):
         raise FileNotFoundError(f"--init {cfg.init}: not a directory (an official Sa2VA / InternVL2.5 checkpoint)")
     model_cfg = salma.Config.from_preset(preset)
@@ -124,6 +135,27 @@ def check_flags(cfg, preset, overrides):
     salma.check_config(replace(model_cfg, **overrides))
     if cfg.sam2_ckpt and not os.path.isfile(cfg.sam2_ckpt):
         raise FileNotFoundError(f"--sam2_ckpt {cfg.sam2_ckpt}: SAM-2 checkpoint not found")
+
+
+def check_resume(out_dir, fsdp):
+    """Refuse --resume when out_dir holds no checkpoint of the run's kind (sharded with --fsdp=True, ckpt.pt without)."""
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if fsdp and not sharded_steps(out_dir):
+        how = "it trained without --fsdp: resume without it" if os.path.isfile(ckpt) else "drop --resume or set --out_dir to a --fsdp=True run"
+        raise FileNotFoundError(f"{os.path.join(out_dir, SHARDED)}: no sharded checkpoint to resume from; {how}")
+    if not fsdp and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from; drop --resume or set --out_dir to a train.py run")
+    if not fsdp and saved_by_fsdp(out_dir):
+        raise ValueError(f"{ckpt}: saved by a --fsdp=True run, whose optimizer state is in {SHARDED}/: resume with --fsdp=True")
+
+
+def saved_by_fsdp(out_dir):
+    """Whether out_dir's ckpt.json says the run trained with --fsdp=True."""
+    try:
+        with open(os.path.join(out_dir, "ckpt.json")) as f:
+            return json.load(f)["train"].get("fsdp", False)
+    except (OSError, ValueError, KeyError):  # no or unreadable ckpt.json: read_checkpoint reports on ckpt.pt itself
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,14 +176,26 @@ def setup_distributed():
     return rank, local_rank, world_size, torch.device("cpu")
 
 
+def transformer_blocks(model):
+    """The LLM's decoder layers and InternViT's blocks: the units of sharding and of activation checkpointing."""
+    return [*model.mllm.language_model.layers, *model.mllm.vision_model.blocks]
+
+
+def checkpoint_activations(model):
+    """Make every transformer block keep only its inputs and recompute its activations in backward (non-reentrant
+    torch.utils.checkpoint, which replays the RNG: dropout draws the same masks, losses and gradients stay the same)."""
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+
+
 def wrap_model(model, device, use_fsdp):
-    """Wrap for data parallelism: DDP, or FSDP2 `fully_shard` when the model outgrows one GPU."""
+    """Wrap for data parallelism: DDP, or FSDP2 `fully_shard` (each block, then the rest) when the model outgrows one GPU."""
     if not dist.is_initialized():
         return model
     if use_fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.mllm.language_model.layers:
+        for block in transformer_blocks(model):
             fully_shard(block)
         return fully_shard(model)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
@@ -211,11 +255,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_weights(model):
-    """Every weight of the model, frozen ones included, gathered whole when FSDP shards them (every rank must call)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in model.state_dict().items()}
-
-
 def keep_log_rows(log_path, last_step):
     """Rewrite log.jsonl with only the rows of steps <= last_step, so every step has one row after a resume."""
     if not os.path.exists(log_path):
@@ -233,32 +272,107 @@ def keep_log_rows(log_path, last_step):
     os.replace(log_path + ".tmp", log_path)
 
 
-def full_optimizer_state(model, optimizer, use_fsdp):
-    """The optimizer's state dict; under FSDP gathered whole on rank 0 and keyed by parameter name (every rank must call)."""
-    if not use_fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def rng_states():
+    """Every rank's RNG states, rank r's at [r] (every rank must call)."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def restore_rng(states, source):
+    """Set this rank's RNGs to what rng_states() saved for it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if isinstance(states, dict):  # saved before every rank's states were kept: rank 0's
+        states = [states] * world
+    if len(states) != world:
+        raise ValueError(f"{source}: saved by {len(states)} ranks; resume with --nproc_per_node={len(states)} (the data order depends on it)")
+    set_rng_state(states[rank])
 
 
-def save_checkpoint(path, weights, optimizer_state, scheduler, sampler, step, configs):
+def full_weights(model, use_fsdp):
+    """Every weight of the model, frozen ones included, on the CPU; under FSDP gathered whole on rank 0 only (every rank must call)."""
+    if use_fsdp:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, state, configs):
     """Write ckpt.pt atomically (temp file + rename) and a ckpt.json saying what it is."""
-    state = {
-        "model": weights,
-        "optimizer": optimizer_state,  # FSDP: keyed by parameter name (full_optimizer_state)
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "step": step,
-        "rng": rng_state(),
-        "configs": configs,
-    }
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    torch.save({**state, "configs": configs}, tmp)
     os.replace(tmp, path)
-    info = {"step": step, "what": "salma training checkpoint (every model weight + optimizer state)", **configs}
+    what = "every model weight + optimizer state" if state["optimizer"] is not None else f"every model weight; optimizer state in {SHARDED}/"
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=2)
+        json.dump({"step": state["step"], "what": f"salma training checkpoint ({what})", **configs}, f, indent=2)
+
+
+SHARDED = "sharded"  # OUT_DIR/sharded/step_N: an FSDP run's training state, the latest save only
+
+
+def sharded_steps(out_dir):
+    """out_dir's complete sharded checkpoints, oldest first (one being written is still named step_N.tmp)."""
+    root = os.path.join(out_dir, SHARDED)
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def save_sharded(out_dir, model, optimizer, train_state):
+    """Write each rank's shards of weights and optimizer state (torch.distributed.checkpoint) + train_state.pt to
+    sharded/step_N.tmp, rename it step_N, then remove the older ones: a kill never leaves a broken latest (every rank must call)."""
+    path = os.path.join(out_dir, SHARDED, f"step_{train_state['step']:08d}")
+    if dist.get_rank() == 0:
+        shutil.rmtree(path + ".tmp", ignore_errors=True)  # left by a run killed while saving
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp")
+    if dist.get_rank() == 0:
+        torch.save(train_state, os.path.join(path + ".tmp", "train_state.pt"))
+        os.replace(path + ".tmp", path)
+        for old in sharded_steps(out_dir)[:-1]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_sharded(path, model, optimizer):
+    """Load a sharded checkpoint's weights and optimizer state into the FSDP model and its optimizer; return its train_state.pt."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # state for every trained weight: zeros where none was saved
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata  # flattened names: optimizer.state.<weight>.step
+    optimizer_state["state"] = {k: v for k, v in optimizer_state["state"].items() if f"optimizer.state.{k}.step" in saved}
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(strict=False))  # weights that never had a gradient keep no optimizer state
+    return common.torch_load(os.path.join(path, "train_state.pt"), "a train.py sharded checkpoint's state (train again)")
+
+
+def resume(cfg, model, optimizer, scheduler, sampler):
+    """Load out_dir's latest checkpoint into the model, optimizer, scheduler, sampler and RNGs; return its step."""
+    if cfg.fsdp:
+        path = sharded_steps(cfg.out_dir)[-1]
+        state = load_sharded(path, model, optimizer)
+    else:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        state = checkpoint.read_checkpoint(path)
+        checkpoint.load_weights(model, state["model"], path)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    restore_rng(state["rng"], path)
+    return state["step"]
+
+
+def save(cfg, model, optimizer, scheduler, sampler, step, configs):
+    """Checkpoint: ckpt.pt (whole model) and, under FSDP, first the sharded training state (every rank must call)."""
+    if not cfg.fsdp and not ranks_in_sync(model):
+        raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
+    train_state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "step": step, "rng": rng_states()}
+    if cfg.fsdp:
+        save_sharded(cfg.out_dir, model, optimizer, train_state)
+    weights = full_weights(model, cfg.fsdp)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {"model": weights, "optimizer": None if cfg.fsdp else optimizer.state_dict(), **train_state}
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), state, configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,18 +405,11 @@ def main(argv=None):
             if master:
                 save_report(report, train_cfg.out_dir)
         model.grounding.sam2_model.image_encoder.requires_grad_(False)  # frozen from here on, as in Sa2VA's recipe
+    if train_cfg.activation_checkpointing:
+        checkpoint_activations(model)
     ddp_model = wrap_model(model, device, train_cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer, scheduler = make_optimizer(model, train_cfg)
-    ckpt_path = os.path.join(train_cfg.out_dir, "ckpt.pt")
-    step = 0
-    if train_cfg.resume:
-        state = checkpoint.read_checkpoint(ckpt_path)
-        checkpoint.load_weights(model, state["model"], ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+    step = resume(train_cfg, model, optimizer, scheduler, sampler) if train_cfg.resume else 0
     autocast = common.autocast_for(common.resolve_dtype(train_cfg.dtype, device, model_cfg), device)  # weights stay fp32
     configs = {"train": asdict(train_cfg), "loss": asdict(loss_cfg), "model": asdict(model_cfg)}
     batches = training_batches(dataset, sampler, tokenizer, model_cfg, train_cfg)
@@ -311,6 +418,8 @@ def main(argv=None):
         tokenizer.save(os.path.join(train_cfg.out_dir, "tokenizer.json"))  # out_dir alone rebuilds the model
     if master:
         keep_log_rows(log_path, step)  # a fresh run starts a fresh log; a resumed one drops the replayed steps
+        if not train_cfg.resume:  # nor a sharded checkpoint of an earlier run in out_dir
+            shutil.rmtree(os.path.join(train_cfg.out_dir, SHARDED), ignore_errors=True)
     bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not master, desc="train")
     while step < train_cfg.max_steps:
         t0 = time.time()
@@ -339,11 +448,8 @@ def main(argv=None):
             if step % train_cfg.log_every == 0 or step == 1:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "lm", "bce", "dice", "tmc", "bound")})
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
-            if not train_cfg.fsdp and not ranks_in_sync(model):  # every rank must call this collective
-                raise RuntimeError(f"step {step}: ranks hold different weights; check that every rank sees the same model")
-            weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer, train_cfg.fsdp)  # collectives under FSDP
+            save(train_cfg, model, optimizer, scheduler, sampler, step, configs)
             if master:
-                save_checkpoint(ckpt_path, weights, optimizer_state, scheduler, sampler, step, configs)
                 plot.plot_log(log_path)  # curves.png: loss parts and lr against step
     bar.close()
     if master and common.WARNINGS:  # skipped, truncated or cut samples, by reason
@@ -351,7 +457,7 @@ def main(argv=None):
         with open(os.path.join(train_cfg.out_dir, "data_problems.json"), "w") as f:
             json.dump(dict(common.WARNINGS), f, indent=1)
     if master:
-        print(f"trained {plot.summary(log_path)} | {time.time() - start:.0f} s wall | checkpoint {ckpt_path}")
+        print(f"trained {plot.summary(log_path)} | {time.time() - start:.0f} s wall | checkpoint {os.path.join(train_cfg.out_dir, 'ckpt.pt')}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

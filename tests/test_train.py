@@ -1,16 +1,21 @@
-"""train.py end to end on CPU: exact resume after SIGKILL, DDP == one process, the loss goes down."""
+"""train.py end to end on CPU: exact resume after SIGKILL (one process, FSDP2), DDP == FSDP2 == one process,
+activation checkpointing changes nothing, the loss goes down."""
 
+import copy
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import bench
 import data
 import losses
 import salma
@@ -21,6 +26,7 @@ import fixtures
 import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def run_train(*flags, check=True):
@@ -59,6 +65,29 @@ def test_every_default_run_batch_is_valid(seed, steps):
     torch.set_num_threads(threads)
 
 
+def kill_after_step(cmd, out, step, envs=(None,)):
+    """Start cmd (a train.py run writing to out) once per env (one process per rank); SIGKILL them all once `step` is logged."""
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for env in envs]
+    while all(proc.poll() is None for proc in procs):  # no deadline: a slow machine only makes this wait longer
+        if os.path.exists(out / "log.jsonl") and max(losses_by_step(out), default=0) >= step:
+            break
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return max(losses_by_step(out))
+
+
+def two_rank_envs():
+    """The environments torchrun --standalone --nproc_per_node=2 gives its ranks (which it starts in sessions of their
+    own, out of reach of a signal to it): started directly, a test can kill every rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    return [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(2)]
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     flags = ["--max_steps=12", "--save_every=4", "--batch_size=2", "--seed=3"]
@@ -66,15 +95,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     reference = losses_by_step(tmp_path / "a")
 
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={out}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None:  # no deadline: a slow machine only makes this wait longer
-        if os.path.exists(out / "log.jsonl") and max(losses_by_step(out), default=0) >= 6:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(losses_by_step(out))
+    killed_at = kill_after_step([sys.executable, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={out}"], out, 6)
     assert 6 <= killed_at < 12, "the run should be killed mid-way"
     saved = json.load(open(out / "ckpt.json"))["step"]
     assert saved in (4, 8) and not os.path.exists(out / "ckpt.pt.tmp")
@@ -110,13 +131,15 @@ def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_pa
     flags = ["--max_steps=1", "--save_every=1", "--batch_size=1", "--mba_dropout=0", "--seed=1", "--lr=1e-3",
              "--sam2_pretrain_frac=0",  # the main step is compared; each rank's pretraining is a separate process's
              "--grad_clip=1e6"]  # no clipping, which would hide a wrong gradient scale
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={tmp_path / 'ddp'}"],
+    subprocess.run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={tmp_path / 'ddp'}"],
                    cwd=ROOT, capture_output=True, text=True, check=True)  # raises if ranks diverge
     run_train(*flags, "--grad_accum=2", f"--out_dir={tmp_path / 'single'}")
-    subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *flags, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}"],
+    subprocess.run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}"],
                    cwd=ROOT, capture_output=True, text=True, check=True)  # FSDP2 on CPU with gloo
     states = {name: torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("ddp", "single", "fsdp")}
+    assert states["fsdp"]["optimizer"] is None  # FSDP: the optimizer state is sharded, in sharded/step_N
+    dcp_to_torch_save(tmp_path / "fsdp" / "sharded" / "step_00000001", tmp_path / "fsdp.pt")
+    states["fsdp"]["optimizer"] = torch.load(tmp_path / "fsdp.pt", weights_only=False)["optimizer"]
     assert states["ddp"]["model"].keys() == states["single"]["model"].keys() == states["fsdp"]["model"].keys()
     names = optimizer_names(flags)
     moments = {name: first_moments(state["optimizer"], names) for name, state in states.items()}
@@ -131,6 +154,72 @@ def test_two_rank_ddp_and_fsdp_equal_one_process_on_the_same_global_batch(tmp_pa
     for other in ("ddp", "fsdp"):  # the weights: one AdamW step of lr 1e-3 apart at most
         weights, reference = states[other]["model"], states["single"]["model"]
         assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 2.1e-3
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_fsdp_run_matches_an_uninterrupted_one(tmp_path):
+    """Two FSDP2 ranks (gloo, CPU) killed after a sharded checkpoint and resumed log the uninterrupted run's losses bit
+    for bit; the killed and resumed run also checkpoints activations, which changes no number. LoRA (the sa2va recipe)
+    puts dropout inside the recomputed layers and frozen weights beside trained ones in each shard."""
+    flags = ["--max_steps=6", "--save_every=2", "--batch_size=1", "--seed=3", "--sam2_pretrain_frac=0", "--recipe=sa2va",
+             "--lr=1e-3", "--fsdp=True"]
+    subprocess.run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, f"--out_dir={tmp_path / 'a'}"],
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    reference = losses_by_step(tmp_path / "a")
+
+    out, cmd = tmp_path / "b", [os.path.join(ROOT, "train.py"), *flags, "--activation_checkpointing=True", f"--out_dir={tmp_path / 'b'}"]
+    killed_at = kill_after_step([sys.executable, *cmd], out, 3, two_rank_envs())  # OMP_NUM_THREADS=1 as torchrun sets it
+    assert 3 <= killed_at < 6, "the run should be killed mid-way"
+    saved = sorted(os.listdir(out / "sharded"))
+    assert saved[-1] in ("step_00000002", "step_00000004") and len([n for n in saved if not n.endswith(".tmp")]) == 1
+    subprocess.run([*TORCHRUN, *cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert rows == list(range(1, 7))
+    assert losses_by_step(out) == reference  # bit for bit, before the kill and after the resume
+    assert os.listdir(out / "sharded") == ["step_00000006"]
+    fixtures.assert_one_line_error(run_train(f"--out_dir={out}", "--resume", check=False), "ckpt.pt", "--fsdp=True")
+
+
+def test_activation_checkpointing_changes_no_loss_or_gradient():
+    """Losses and every gradient with checkpointed blocks equal those without, bit for bit: the recomputation runs the
+    same ops on the same inputs, and replays the RNG, so LoRA's dropout draws the same masks (both recipes, train mode).
+    With deterministic algorithms, as train.py runs (without them SAM-2's backward on CPU differs run to run by ~1e-9)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for recipe in ("full", "sa2va"):
+            train_cfg, loss_cfg, preset, overrides = train.parse_args([f"--recipe={recipe}"])
+            torch.manual_seed(0)
+            plain, tok = train.build_model(train_cfg, preset, overrides)
+            checkpointed = copy.deepcopy(plain)
+            train.checkpoint_activations(checkpointed)
+            batch = inputs.make_train_batch([testbed.split("train", 1)[0]], tok, plain.cfg, seeds=[0])
+            (loss_a, grads_a), (loss_b, grads_b) = (loss_and_gradients(m, batch, loss_cfg) for m in (plain, checkpointed))
+            assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys(), recipe
+            assert any(".blocks." in k for k in grads_a) == (recipe == "full")  # the ViT's blocks train in the full recipe
+            assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), recipe
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def loss_and_gradients(model, batch, loss_cfg):
+    """(loss, {name: gradient}) of one training forward and backward, dropout drawn from seed 1."""
+    torch.manual_seed(1)
+    loss, _ = losses.total_loss(losses.salma_loss_parts(model(batch), batch, loss_cfg), loss_cfg, 1.0)
+    loss.backward()
+    return loss, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_help_lists_the_scaling_flags_and_bad_combinations_give_one_line(tmp_path):
+    """--help shows --fsdp and --activation_checkpointing; --fsdp without torchrun and --resume=True with --fsdp=True on a
+    run without a sharded checkpoint each stop with one line."""
+    help_text = run_train("--help").stdout
+    assert "--activation_checkpointing" in help_text and "--fsdp" in help_text
+    fixtures.assert_one_line_error(run_train("--fsdp=True", f"--out_dir={tmp_path}", check=False), "--fsdp", "torchrun")
+    env = {**os.environ, "RANK": "0"}  # as under torchrun: the check comes before any process group
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--fsdp=True", "--resume", f"--out_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    fixtures.assert_one_line_error(proc, "sharded", "no sharded checkpoint")
 
 
 def optimizer_names(flags):
@@ -277,3 +366,17 @@ def test_train_py_keeps_the_pretrained_encoder_frozen(tmp_path):
     assert encoder and all(torch.equal(saved[3][k], saved[6][k]) for k in encoder)
     assert any(not torch.equal(saved[3][k], initial[k]) for k in encoder)
     assert any(not torch.equal(saved[3][k], saved[6][k]) for k in decoder)
+
+def test_memory_estimate_counts_the_built_model_and_shards_over_the_gpus():
+    """bench.py memory: its meta-device parameter counts are those of a built tiny model under the sa2va recipe; FSDP2 holds
+    1/8 of DDP's weights, gradients and optimizer state on 8 GPUs; checkpointing keeps fewer activations (sanity only)."""
+    model = bench.sa2va_model_on_meta("tiny")
+    counts = bench.param_counts(model)
+    built = salma.set_trainable(checkpoint.build_model(salma.Config.from_preset("tiny"))[0], "sa2va")
+    assert counts["total"] == sum(p.numel() for p in built.parameters())
+    assert counts["trainable"] == sum(p.numel() for p in built.parameters() if p.requires_grad) < counts["total"]
+    activations = bench.activation_bytes(model, 1, 64)
+    assert 0 < activations[1] < activations[0]
+    ddp, fsdp = (bench.memory_per_gpu(counts, activations, 8, sharded) for sharded in (False, True))
+    assert all(fsdp[k] == ddp[k] / 8 for k in ("weights", "gradients", "optimizer"))
+    assert fsdp["total"] < ddp["total"] and ddp["total"] - ddp["total_checkpointed"] == activations[0] - activations[1]
