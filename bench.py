@@ -8,6 +8,7 @@ Benchmarks: figures printed (and written to bench_out/<what>.json), never assert
   python bench.py video_memory           # host memory over a 200-frame generated video (must stay flat)
   python bench.py precision              # segment_image in fp32 vs bf16 (set_precision): time and mask IoU
   python bench.py memory                 # every preset: parameters and estimated training memory per GPU (DDP / FSDP2)
+  python bench.py eval                   # evaluation: each expression alone vs shared + batched; items/s, peak memory
 
 CPU fp32 by default; --preset tiny makes every benchmark quick.
 """
@@ -157,6 +158,7 @@ def salma_step_times(model, x, blocks, runs):
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def bench_overhead(args):
     """SALMA vs the --mba=False baseline on the same weights and inputs; also mba_layers=all.
 
@@ -286,6 +288,113 @@ def bench_precision(args):
             "native_bf16": common.cpu_has_native_bf16()}
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluation: each expression alone (Sa2VA's evaluation) vs the shared, batched path (eval.py --share)
+
+BENCH_EXPRS = ["the man in the red shirt", "a white cup on the left side of the wooden table", "dog", "the second car from the right",
+               "the woman holding an umbrella", "the larger of the two plates", "the bus behind the bicycle", "a brown horse"]
+
+
+def eval_sets(images, videos):
+    """A RefCOCO-like set (generated scenes at COCO's 640x427: 6 tiles + thumbnail for the MLLM; 4 expressions each)
+    and a MeViS-like one (12 frames at 640x360, 8 expressions each)."""
+    scenes = testbed.split("train", images + videos, seed=3, video_fraction=0.0)
+    image_set = [(scenes[i]["frames"][0].resize((640, 427)), BENCH_EXPRS[i % 2: i % 2 + 4]) for i in range(images)]
+    video_set = [([scenes[images + v]["frames"][0].resize((640, 360)).rotate(3 * t) for t in range(12)], BENCH_EXPRS)
+                 for v in range(videos)]
+    return image_set, video_set
+
+
+def reset_peak_rss():
+    """Start a new peak-resident-memory window (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_since_reset():
+    """Peak resident memory since reset_peak_rss (GiB), from /proc/self/status VmHWM."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+
+
+def measured(fn):
+    """(fn's result, seconds, peak resident GiB while it ran)."""
+    reset_peak_rss()
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start, peak_rss_since_reset()
+
+
+def eval_paths(model, tok, batch_size):
+    """The two ways of segmenting an image's or video's expressions -> {name: fn(media, exprs) -> bool masks (E, T, H, W)}."""
+    def image_alone(image, exprs):
+        return torch.stack([model.segment_image(image, e, tok, force_seg=True) for e in exprs])[:, None]
+
+    def image_shared(image, exprs):
+        return model.segment_image_many(image, exprs, tok, force_seg=True, batch_size=batch_size)[0][:, None]
+
+    def video_alone(frames, exprs):
+        return torch.stack([torch.stack(list(salma.segment_video(model, frames.__getitem__, len(frames), e, tok, force_seg=True)))
+                            for e in exprs])
+
+    def video_shared(frames, exprs):
+        answers = model.answer_many(frames[: model.cfg.video_frames], exprs, tok, is_video=True, force_seg=True, batch_size=batch_size)
+        return torch.stack(list(salma.track(model, frames.__getitem__, len(frames), answers, batch_size)), dim=1)
+
+    return {"image": (image_alone, image_shared), "video": (video_alone, video_shared)}
+
+
+@torch.inference_mode()
+def run_eval_sets(model, tok, sets, batch_size):
+    """Both paths on every item, interleaved (the order alternates), -> per set: expressions/s, peak GiB, mask agreement."""
+    results = {}
+    for kind, items in sets.items():
+        alone, shared = eval_paths(model, tok, batch_size)[kind]
+        seconds, peaks, worst = [0.0, 0.0], [0.0, 0.0], 0.0
+        for n, (media, exprs) in enumerate(items):
+            order = (0, 1) if n % 2 == 0 else (1, 0)
+            outs = {}
+            for p in order:
+                outs[p], t, peak = measured(lambda p=p: (alone, shared)[p](media, exprs))
+                seconds[p], peaks[p] = seconds[p] + t, max(peaks[p], peak)
+            worst = max(worst, (outs[0] != outs[1]).float().mean().item())
+        count = sum(len(exprs) for _, exprs in items)
+        results[kind] = {"expressions": count, "alone_items_per_s": count / seconds[0], "shared_items_per_s": count / seconds[1],
+                         "speedup": seconds[0] / seconds[1], "alone_peak_gib": peaks[0], "shared_peak_gib": peaks[1],
+                         "max_pixel_disagreement": worst}
+    return results
+
+
+def bench_eval(args):
+    """Evaluation speed and peak memory at args.preset size (random weights, answers teacher-forced): each expression
+    alone vs eval.py's shared, batched path, interleaved; bf16 (where the CPU multiplies bf16 natively) and fp32."""
+    torch.manual_seed(0)
+    model, tok = checkpoint.build_model(salma.Config.from_preset(args.preset))
+    model.eval()
+    image_set, video_set = eval_sets(args.images, args.videos)
+    sets = {kind: items for kind, items in (("image", image_set), ("video", video_set)) if items}
+    dtypes = (["bfloat16"] if common.cpu_has_native_bf16() else []) + ["float32"]
+    results = {"native_bf16": common.cpu_has_native_bf16(), "batch_size": args.batch_size}
+    for dtype in dtypes:  # bf16 first: packing (fp32) frees the plain weights
+        model.set_precision(common.DTYPES[dtype])
+        if dtype == "float32":
+            mllm.pack_linears_for_cpu(model)  # as eval.py runs on CPU
+        common.release_freed_memory()  # the weights the change of precision left behind
+        results[dtype] = {"model_rss_gib": current_rss_gb(), **run_eval_sets(model, tok, sets, args.batch_size)}
+    print(f"{args.preset}, random weights, answers teacher-forced, {torch.get_num_threads()} threads; images 640x427 x4 "
+          f"expressions ({args.images}), videos 12 frames x8 expressions ({args.videos}); --batch_size {args.batch_size}")
+    print(f"{'dtype':9s} {'set':6s} {'alone it/s':>11s} {'shared it/s':>12s} {'speedup':>8s} {'alone peak':>11s} {'shared peak':>12s} "
+          f"{'model RSS':>10s} {'pixels differing':>17s}")
+    for dtype in dtypes:
+        r = results[dtype]
+        for kind in sets:
+            k = r[kind]
+            print(f"{dtype:9s} {kind:6s} {k['alone_items_per_s']:11.4f} {k['shared_items_per_s']:12.4f} {k['speedup']:7.2f}x "
+                  f"{k['alone_peak_gib']:9.2f} G {k['shared_peak_gib']:10.2f} G {r['model_rss_gib']:8.2f} G "
+                  f"{k['max_pixel_disagreement']:16.2e}")
+    return results
+
+
 GIB = 2**30
 
 
@@ -399,7 +508,8 @@ def current_rss_gb():
 
 
 BENCHES = {"table5": bench_table5, "overhead": bench_overhead, "internvl": bench_internvl,
-           "train": bench_train, "video_memory": bench_video_memory, "precision": bench_precision, "memory": bench_memory}
+           "train": bench_train, "video_memory": bench_video_memory, "precision": bench_precision, "memory": bench_memory,
+           "eval": bench_eval}
 
 
 def main():
@@ -409,6 +519,9 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs (median) / training steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--real", action="store_true", help="train: also one step of the sa2va-1b preset")
+    parser.add_argument("--images", type=int, default=2, help="eval: images in the RefCOCO-like set (4 expressions each)")
+    parser.add_argument("--videos", type=int, default=1, help="eval: videos in the MeViS-like set (12 frames, 8 expressions each)")
+    parser.add_argument("--batch_size", type=int, default=8, help="eval: the shared path's --batch_size")
     parser.add_argument("--ckpt", default="", help="precision: a train.py out_dir or official directory instead of random weights")
     args = parser.parse_args()
     if args.threads:

@@ -310,6 +310,7 @@ def build_model(cfg, init="", sam2_ckpt="", device="cpu", dtype=torch.float32, *
         ours = {rename_key(k) or f"<unknown>{k}": v for k, v in read_safetensors(init).items()}
         has_mba = any(k.startswith("mba.") for k in ours)
         finish_load(model, ours, init, allowed_missing=() if has_mba else ("mba.",))
+        del ours  # the model holds the tensors now: a change of precision below frees each as it converts it
         if cfg.mba and not has_mba:  # SALMA on Sa2VA weights: fresh MBA blocks
             model.mba = nn.ModuleList(MaskBiasedAttention(cfg, model.grounding.width) for _ in model.mba_layers)
     else:
@@ -376,7 +377,9 @@ def load_model(path, device="cpu", dtype="float32", **overrides):
 
 def for_inference(model, device, dtype):
     """The model on device in eval mode, at the precision a --dtype choice resolves to for it."""
-    return model.to(device).set_precision(common.resolve_dtype(dtype, device, model.cfg)).eval()
+    model = model.to(device).set_precision(common.resolve_dtype(dtype, device, model.cfg)).eval()
+    common.release_freed_memory()  # the weights a change of precision left behind
+    return model
 
 
 DEFAULT_RUN = "out/tiny"  # train.py's default --out_dir: what eval.py and demo.py load without --ckpt

@@ -8,6 +8,7 @@ common: the small helpers every script shares.
 """
 
 import argparse
+import ctypes
 import inspect
 import json
 import os
@@ -159,3 +160,12 @@ def warn_once(reason, detail):
 def sample_seed(seed, index):
     """The seed of sample `index` of a run seeded `seed`: every random choice about a sample draws from it."""
     return seed * 1_000_003 + index
+
+
+def release_freed_memory():
+    """Hand memory freed by glibc's allocator back to the system (malloc_trim), so that resident memory is what is in
+    use after a model changes precision or packs its weights; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

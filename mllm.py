@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp
 from timm.models.vision_transformer import VisionTransformer
 
+from common import release_freed_memory
+
 # ---------------------------------------------------------------------------------------------
 # InternViT + pixel shuffle + mlp1
 
@@ -387,30 +389,32 @@ def merge_lora(llm):
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear that, for fp32 CPU inference, multiplies by a oneDNN pre-packed copy of its weight.
+    """nn.Linear for fp32 CPU inference only: it multiplies by a oneDNN pre-packed copy of its weight, and the plain
+    weight is freed, so the layer still holds one copy.
 
-    Same math as F.linear (only the summation order differs, ~1e-6 relative); measured 1.1-1.9x
-    faster GEMMs on a 2-core CPU (more for decoding's one-row inputs): no repacking per call. With grad enabled, off the CPU or in another
-    dtype it is a plain nn.Linear. The packed copy is a snapshot: pack again after changing weights.
+    Same math as F.linear (only the summation order differs, ~1e-6 relative); measured 1.1-1.9x faster GEMMs on
+    a 2-core CPU (more for decoding's one-row inputs): no repacking per call. Anything else (grad enabled,
+    another device or dtype) stops with one line: build or load the model again for that.
     """
 
     def forward(self, x):
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
+            raise RuntimeError("this model's linear layers are packed for fp32 CPU inference (pack_linears_for_cpu); "
+                               "load it again to train it, move it or change its precision")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 def pack_linears_for_cpu(model):
-    """Turn every fp32 CPU nn.Linear of model into a PackedLinear (in place; state_dict unchanged).
-
-    For inference only (eval.py and bench.py call it on CPU); costs one more copy of those weights.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return model
+    """Turn every nn.Linear of an fp32 CPU model into a PackedLinear (in place, for inference: eval.py, demo.py and
+    bench.py on CPU); each plain weight is replaced by an empty one. A model in another dtype is left as it is."""
+    if not torch.backends.mkldnn.is_available() or any(p.dtype != torch.float32 for p in model.parameters()):
+        return model  # bf16 runs SAM-2 and MBA under autocast, which a packed fp32 weight would bypass
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
             module.__class__ = PackedLinear
+    release_freed_memory()
     return model
 
 
@@ -452,10 +456,11 @@ class InternVL(nn.Module):
             raise ValueError(f"{int(is_image.sum())} <IMG_CONTEXT> tokens for {image_tokens.shape[0]} image tokens")
         return embeds.masked_scatter(is_image[..., None], image_tokens.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False, context_index=None):
-        """Logits (B, L, V) and, on request, every layer's hidden states (list of (B, L, D))."""
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, output_hidden_states=False, context_index=None,
+                last_only=False):
+        """Logits (B, L, V) (last_only: (B, 1, V)) and, on request, every layer's hidden states (list of (B, L, D))."""
         embeds = self.embed(input_ids, pixel_values, context_index)
-        return self.language_model(embeds, attention_mask, output_hidden_states=output_hidden_states)
+        return self.language_model(embeds, attention_mask, output_hidden_states=output_hidden_states, last_only=last_only)
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=32, stop_ids=(), keep_hidden=False, context_index=None,

@@ -446,7 +446,8 @@ class SALMA(nn.Module):
             turn = (question, FORCED_ANSWER if force_seg else None)
             ids, _, text_mask = encode_turns(tokenizer, [turn], cfg.system_prompt, media, BOS_EOS[cfg.llm_arch][0])
             if force_seg:
-                out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True, context_index=context_index)
+                out = self.mllm(ids[None].to(self.device), pixel_values, output_hidden_states=True, context_index=context_index,
+                                last_only=True)  # no logits needed: a 1,800-token prompt's would take 1.1 GB in fp32
                 sequence, hidden, text = ids, out["hidden_states"], FORCED_ANSWER
             else:
                 stop = self.stop_ids
@@ -593,8 +594,8 @@ class SALMA(nn.Module):
         """bf16: the MLLM's weights in bf16 (the bulk of the memory), SAM-2, text_hidden_fcs and MBA keep
         fp32 weights and compute under bf16 autocast, so sam2's fp32-only inputs (point coordinates,
         LayerNorms on CPU) meet fp32 parameters. fp32: everything fp32, no autocast."""
-        self.float()
-        self.mllm.to(dtype)
+        for part in self.children():  # part by part: a bf16 MLLM is never copied to fp32 on the way
+            part.to(dtype if part is self.mllm else torch.float32)
         return self
 
     def autocast(self):
