@@ -715,7 +715,8 @@ def track(model, load_frame, num_frames, answers, batch_size=8, maps_for=None, u
         if groups:
             with model.autocast():  # per frame: the caller's code between frames runs outside it
                 if propagator is not None:
-                    low_res = [propagate_frame(model, propagator, frame, t, num_frames, bank) for bank in banks]
+                    features = None if t in keyframes else propagator_features(model, propagator, frame)  # once per frame
+                    low_res = [propagate_frame(propagator, features, t, num_frames, bank) for bank in banks]
                 else:
                     enc = model.grounding.encode_image(model.sam_input([frame], video=True))
                     maps = maps_for(t) if maps_for else None
@@ -761,26 +762,32 @@ def prompt_keyframes(model, propagator, load_frame, num_frames, keyframes, promp
         with model.autocast():
             enc = model.grounding.encode_image(model.sam_input([frame], video=True))
             masks = [model.decode_prompts(enc, *prompt, (frame.height, frame.width)) for prompt in prompts]  # (n, H, W) each
+            features = propagator_features(model, propagator, frame)
             for bank, mask in zip(banks, masks):
                 mask_input = F.interpolate(mask[:, None].float(), size=(size, size), mode="bilinear", align_corners=False,
                                            antialias=True) >= 0.5  # (n, 1, S, S), as SAM-2's add_new_mask
-                bank["cond_frame_outputs"][t] = propagator_step(model, propagator, frame, t, num_frames, bank, mask_input.float())
+                bank["cond_frame_outputs"][t] = propagator_step(propagator, features, t, num_frames, bank, mask_input.float())
 
 
-def propagate_frame(model, propagator, frame, t, num_frames, bank):
+def propagate_frame(propagator, features, t, num_frames, bank):
     """Frame t under the propagator: a keyframe's stored output, else SAM-2's tracking step on its memory bank."""
     out = bank["cond_frame_outputs"].get(t)
     if out is None:
-        out = bank["non_cond_frame_outputs"][t] = propagator_step(model, propagator, frame, t, num_frames, bank)
+        out = bank["non_cond_frame_outputs"][t] = propagator_step(propagator, features, t, num_frames, bank)
         forget_old_frames(propagator, bank, t)
     return out["pred_masks"]
 
 
-def propagator_step(model, propagator, frame, t, num_frames, bank, mask_input=None):
-    """SAM-2's own track_step on one frame for every object of bank (mask_input (n, 1, S, S): a keyframe's prompt)."""
+def propagator_features(model, propagator, frame):
+    """The propagator's image features of one PIL frame: (vision feats, their positions, sizes), SAM-2's (HW, 1, C) layout."""
+    return propagator._prepare_backbone_features(propagator.forward_image(model.sam_input([frame], video=True)))[1:]
+
+
+def propagator_step(propagator, features, t, num_frames, bank, mask_input=None):
+    """SAM-2's own track_step on frame t (features: propagator_features) for every object of bank (mask_input (n, 1, S, S):
+    a keyframe's prompt)."""
     n = next(iter(bank["cond_frame_outputs"].values()))["obj_ptr"].shape[0] if mask_input is None else mask_input.shape[0]
-    backbone = propagator.forward_image(model.sam_input([frame], video=True))
-    _, feats, pos, sizes = propagator._prepare_backbone_features(backbone)
+    feats, pos, sizes = features
     out = propagator.track_step(
         frame_idx=t, is_init_cond_frame=mask_input is not None, current_vision_feats=[f.expand(-1, n, -1) for f in feats],
         current_vision_pos_embeds=[p.expand(-1, n, -1) for p in pos], feat_sizes=sizes, point_inputs=None,
